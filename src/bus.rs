@@ -1,0 +1,534 @@
+//! The D-Bus service (SPEC section 6): the `Manager` and `Session` objects, the caller check,
+//! and the publisher that turns session snapshots and events into `PropertiesChanged` and
+//! signals.
+//!
+//! A thin layer: methods read the sessions' published snapshots or send them a request, and
+//! map domain failures into D-Bus errors through [`Error::from`]. It owns no session state
+//! and knows nothing of HTTP or the disk.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
+use zbus::{Connection, interface};
+
+use crate::clock::Clock;
+use crate::error::{ApiError, Error, ErrorName};
+use crate::names;
+use crate::session::{SessionEvent, SessionHandle, Snapshot};
+
+/// Longest string accepted from a D-Bus caller (a signed request can be long; 64 KiB).
+pub const MAX_ARG_BYTES: usize = 64 * 1024;
+
+/// Decides whether a caller may use the methods: only the daemon's own Unix user.
+#[derive(Debug)]
+pub struct Access {
+    /// The daemon's effective uid.
+    my_uid: u32,
+    /// Unique bus name → uid; unique names are never reused, so entries stay true.
+    cache: Mutex<HashMap<String, u32>>,
+}
+
+/// Whether a caller with `caller_uid` may call a daemon running as `my_uid`.
+pub fn caller_allowed(caller_uid: u32, my_uid: u32) -> bool {
+    caller_uid == my_uid
+}
+
+impl Access {
+    /// For the current process's user.
+    pub fn new() -> Self {
+        Access { my_uid: rustix::process::geteuid().as_raw(), cache: Mutex::new(HashMap::new()) }
+    }
+
+    /// Checks the sender of `hdr`, asking the bus for its uid once per connection.
+    pub async fn check(&self, conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> {
+        let Some(sender) = hdr.sender() else {
+            // A peer-to-peer connection has no sender; there is no bus to ask.
+            return Ok(());
+        };
+        let cached = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(sender.as_str()).copied();
+        let uid = match cached {
+            Some(uid) => uid,
+            None => {
+                let proxy = zbus::fdo::DBusProxy::new(conn).await?;
+                let uid = proxy
+                    .get_connection_unix_user(zbus::names::BusName::Unique(sender.clone()))
+                    .await
+                    .map_err(|_| Error::AccessDenied("cannot determine the caller's user".into()))?;
+                let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                if cache.len() > 4096 {
+                    // Bounded memory over months of short-lived clients.
+                    cache.clear();
+                }
+                cache.insert(sender.to_string(), uid);
+                uid
+            }
+        };
+        if caller_allowed(uid, self.my_uid) {
+            Ok(())
+        } else {
+            Err(Error::AccessDenied(format!("uid {uid} may not use the daemon of uid {}", self.my_uid)))
+        }
+    }
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the manager object needs from the daemon: the session registry.
+#[async_trait::async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Paths of all sessions, sorted by id.
+    async fn list(&self) -> Vec<String>;
+    /// Whether a session exists.
+    async fn exists(&self, id: &str) -> bool;
+    /// Adds a session over D-Bus.
+    async fn add(&self, id: &str, profile: ProfileArgs) -> Result<(), ApiError>;
+    /// Removes a session (cleans up and forgets it).
+    async fn remove(&self, id: &str) -> Result<(), ApiError>;
+}
+
+/// `AddSession`'s profile, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileArgs {
+    /// Required.
+    pub unique_user_id: String,
+    /// Required.
+    pub email: String,
+    /// Optional.
+    pub first_name: Option<String>,
+    /// Optional.
+    pub last_name: Option<String>,
+    /// Optional credential, kept with the state.
+    pub backend_token: Option<crate::secret::Secret>,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidArgument(msg.into())
+}
+
+/// Validates `AddSession`'s arguments: the id, and the profile's keys, types and values.
+pub fn parse_profile(id: &str, profile: &HashMap<String, OwnedValue>) -> Result<ProfileArgs, Error> {
+    crate::config::validate_session_id(id).map_err(invalid)?;
+    let get = |key: &str| -> Result<Option<String>, Error> {
+        match profile.get(key).map(|v| &**v) {
+            None => Ok(None),
+            Some(Value::Str(s)) => {
+                if s.len() > MAX_ARG_BYTES {
+                    return Err(invalid(format!("profile key {key:?} is longer than {MAX_ARG_BYTES} bytes")));
+                }
+                Ok(Some(s.as_str().to_owned()))
+            }
+            Some(other) => {
+                Err(invalid(format!("profile key {key:?} must be a string (s), got {}", other.value_signature())))
+            }
+        }
+    };
+    const KNOWN: [&str; 5] = ["unique_user_id", "email", "first_name", "last_name", "backend_token"];
+    let args = ProfileArgs {
+        unique_user_id: get("unique_user_id")?.ok_or_else(|| invalid("profile needs unique_user_id"))?,
+        email: get("email")?.ok_or_else(|| invalid("profile needs email"))?,
+        first_name: get("first_name")?,
+        last_name: get("last_name")?,
+        backend_token: get("backend_token")?.map(crate::secret::Secret::new),
+    };
+    if let Some(unknown) = profile.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        let shown: String = unknown.chars().take(64).collect();
+        return Err(invalid(format!("unknown profile key {shown:?}; known are {}", KNOWN.join(", "))));
+    }
+    crate::config::validate_unique_user_id(&args.unique_user_id).map_err(invalid)?;
+    crate::config::validate_email(&args.email).map_err(invalid)?;
+    for n in [&args.first_name, &args.last_name].into_iter().flatten() {
+        crate::config::validate_name(n).map_err(invalid)?;
+    }
+    if let Some(t) = &args.backend_token
+        && (t.is_empty() || t.expose().chars().any(|c| c.is_control() || c == ' '))
+    {
+        return Err(invalid("backend_token must be non-empty, without spaces or control characters"));
+    }
+    Ok(args)
+}
+
+/// `com.entrupy.TokenDaemon1.Manager` at `/com/entrupy/TokenDaemon1`.
+pub struct ManagerObject {
+    registry: Arc<dyn Registry>,
+    access: Arc<Access>,
+}
+
+impl std::fmt::Debug for ManagerObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ManagerObject")
+    }
+}
+
+impl ManagerObject {
+    /// A manager over `registry`.
+    pub fn new(registry: Arc<dyn Registry>, access: Arc<Access>) -> Self {
+        Self { registry, access }
+    }
+}
+
+fn path(p: String) -> Result<OwnedObjectPath, Error> {
+    OwnedObjectPath::try_from(p).map_err(|e| Error::ZBus(e.into()))
+}
+
+#[interface(name = "com.entrupy.TokenDaemon1.Manager")]
+impl ManagerObject {
+    /// The object paths of all sessions.
+    async fn list_sessions(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<OwnedObjectPath>, Error> {
+        self.access.check(conn, &hdr).await?;
+        self.registry.list().await.into_iter().map(path).collect()
+    }
+
+    /// The object path of the session `id`.
+    async fn get_session(
+        &self,
+        id: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, Error> {
+        self.access.check(conn, &hdr).await?;
+        if id.len() > 64 || !self.registry.exists(id).await {
+            let shown: String = id.chars().take(64).collect();
+            return Err(Error::NoSuchSession(format!("no session {shown:?}")));
+        }
+        path(names::session_path(id))
+    }
+
+    /// Adds and persists a session.
+    async fn add_session(
+        &self,
+        id: &str,
+        profile: HashMap<String, OwnedValue>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, Error> {
+        self.access.check(conn, &hdr).await?;
+        let args = parse_profile(id, &profile)?;
+        self.registry.add(id, args).await?;
+        path(names::session_path(id))
+    }
+
+    /// Cleans up and forgets a session.
+    async fn remove_session(
+        &self,
+        id: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), Error> {
+        self.access.check(conn, &hdr).await?;
+        Ok(self.registry.remove(id).await?)
+    }
+
+    /// The daemon's version.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn version(&self) -> String {
+        names::VERSION.to_owned()
+    }
+}
+
+/// `com.entrupy.TokenDaemon1.Session` at `/com/entrupy/TokenDaemon1/session/<id>`.
+#[derive(Debug)]
+pub struct SessionObject {
+    handle: SessionHandle,
+    access: Arc<Access>,
+    device_id: String,
+    clock: Clock,
+}
+
+impl SessionObject {
+    /// The object of a session.
+    pub fn new(handle: SessionHandle, access: Arc<Access>, device_id: String, clock: Clock) -> Self {
+        Self { handle, access, device_id, clock }
+    }
+}
+
+fn secs(t: f64) -> u64 {
+    if t.is_finite() && t > 0.0 { t.floor() as u64 } else { 0 }
+}
+
+#[interface(name = "com.entrupy.TokenDaemon1.Session")]
+impl SessionObject {
+    /// Whether a token is held and has not expired.
+    async fn is_authorization_valid(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<bool, Error> {
+        self.access.check(conn, &hdr).await?;
+        Ok(self.handle.is_valid())
+    }
+
+    /// The token and its expiry; `NotAuthorized` when not valid.
+    async fn get_token(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(String, u64), Error> {
+        self.access.check(conn, &hdr).await?;
+        let (t, e) = self.handle.get_token()?;
+        Ok((t.expose().to_owned(), secs(e)))
+    }
+
+    /// A token valid for at least `min_seconds` more, refreshing first if needed.
+    async fn ensure_valid(
+        &self,
+        min_seconds: u32,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(String, u64), Error> {
+        self.access.check(conn, &hdr).await?;
+        let (t, e) = self.handle.ensure_valid(min_seconds).await?;
+        Ok((t.expose().to_owned(), secs(e)))
+    }
+
+    /// Re-authorizes now; returns the new expiry.
+    async fn refresh(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<u64, Error> {
+        self.access.check(conn, &hdr).await?;
+        Ok(secs(self.handle.refresh().await?))
+    }
+
+    /// A fresh SDK authorization request, for apps that call the backend themselves.
+    async fn generate_authorization_request(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String, Error> {
+        self.access.check(conn, &hdr).await?;
+        Ok(crate::authreq::generate(self.clock.now(), &self.device_id))
+    }
+
+    /// Logs in with a request the caller had signed.
+    async fn login_with_signed_request(
+        &self,
+        signed: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<u64, Error> {
+        self.access.check(conn, &hdr).await?;
+        if signed.is_empty() {
+            return Err(invalid("the signed request is empty"));
+        }
+        if signed.len() > MAX_ARG_BYTES {
+            return Err(invalid(format!("the signed request is longer than {MAX_ARG_BYTES} bytes")));
+        }
+        let s = crate::secret::Secret::new(signed);
+        Ok(secs(self.handle.login_with_signed(s).await?))
+    }
+
+    /// Drops the token and stops refreshing.
+    async fn cleanup(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), Error> {
+        self.access.check(conn, &hdr).await?;
+        Ok(self.handle.cleanup().await?)
+    }
+
+    /// Session id.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn id(&self) -> String {
+        self.handle.id.clone()
+    }
+
+    /// The user.
+    #[zbus(property)]
+    fn unique_user_id(&self) -> String {
+        self.handle.snapshot().unique_user_id
+    }
+
+    /// As returned by the backend.
+    #[zbus(property)]
+    fn username(&self) -> String {
+        self.handle.snapshot().username
+    }
+
+    /// `logged-out`, `valid`, `refreshing`, `expired`, `needs-reauthorization` or `failed`.
+    #[zbus(property)]
+    fn state(&self) -> String {
+        self.handle.snapshot().state.as_str().to_owned()
+    }
+
+    /// Whether the token is valid now.
+    #[zbus(property)]
+    fn valid(&self) -> bool {
+        self.handle.is_valid()
+    }
+
+    /// Expiry, Unix seconds rounded down; 0 for none.
+    #[zbus(property)]
+    fn expires_at(&self) -> u64 {
+        self.handle.snapshot().expires_at_secs()
+    }
+
+    /// Next planned refresh; 0 for none.
+    #[zbus(property)]
+    fn refresh_at(&self) -> u64 {
+        secs(self.handle.snapshot().refresh_at)
+    }
+
+    /// When the last login answer arrived; 0 for none.
+    #[zbus(property)]
+    fn last_login_at(&self) -> u64 {
+        secs(self.handle.snapshot().last_login_at.unwrap_or(0.0))
+    }
+
+    /// Short name of the last failure, `""` for none.
+    #[zbus(property)]
+    fn last_error(&self) -> String {
+        self.handle.snapshot().last_error.map(|e| e.as_str().to_owned()).unwrap_or_default()
+    }
+
+    /// `didLoginUserSuccessfully`.
+    #[zbus(signal)]
+    pub async fn login_succeeded(emitter: &SignalEmitter<'_>, expires_at: u64) -> zbus::Result<()>;
+
+    /// `didLoginUserFailWithError`.
+    #[zbus(signal)]
+    pub async fn login_failed(emitter: &SignalEmitter<'_>, error_code: &str, description: &str) -> zbus::Result<()>;
+
+    /// `Valid` went false because time ran out.
+    #[zbus(signal)]
+    pub async fn authorization_expired(emitter: &SignalEmitter<'_>) -> zbus::Result<()>;
+
+    /// The daemon cannot re-authorize by itself.
+    #[zbus(signal)]
+    pub async fn reauthorization_required(emitter: &SignalEmitter<'_>) -> zbus::Result<()>;
+}
+
+/// The property values of a snapshot, as D-Bus values, for change detection.
+fn property_values(s: &Snapshot) -> Vec<(&'static str, Value<'static>)> {
+    vec![
+        ("UniqueUserId", Value::from(s.unique_user_id.clone())),
+        ("Username", Value::from(s.username.clone())),
+        ("State", Value::from(s.state.as_str().to_owned())),
+        ("Valid", Value::from(s.valid)),
+        ("ExpiresAt", Value::from(s.expires_at_secs())),
+        ("RefreshAt", Value::from(secs(s.refresh_at))),
+        ("LastLoginAt", Value::from(secs(s.last_login_at.unwrap_or(0.0)))),
+        ("LastError", Value::from(s.last_error.map(|e| e.as_str()).unwrap_or("").to_owned())),
+    ]
+}
+
+/// Emits a session's `PropertiesChanged` and signals until `cancel` fires or the session
+/// ends.
+pub async fn publish(
+    conn: Connection,
+    path: OwnedObjectPath,
+    mut snapshots: watch::Receiver<Snapshot>,
+    mut events: broadcast::Receiver<SessionEvent>,
+    cancel: CancellationToken,
+) {
+    let emitter = SignalEmitter::from_parts(conn, path.into());
+    let mut last = property_values(&snapshots.borrow_and_update());
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let current = property_values(&snapshots.borrow_and_update());
+                let changed: HashMap<&str, Value<'_>> = current
+                    .iter()
+                    .zip(last.iter())
+                    .filter(|(a, b)| a.1 != b.1)
+                    .map(|(a, _)| (a.0, a.1.clone()))
+                    .collect();
+                if !changed.is_empty() {
+                    let iface = zbus::names::InterfaceName::from_static_str_unchecked(names::SESSION_INTERFACE);
+                    if let Err(e) = zbus::fdo::Properties::properties_changed(&emitter, iface, changed, Cow::Borrowed(&[])).await {
+                        tracing::debug!(error = %e, "cannot emit PropertiesChanged");
+                    }
+                }
+                last = current;
+            }
+            ev = events.recv() => {
+                let res = match ev {
+                    Ok(SessionEvent::LoginSucceeded(exp)) => SessionObject::login_succeeded(&emitter, secs(exp)).await,
+                    Ok(SessionEvent::LoginFailed(code, desc)) => SessionObject::login_failed(&emitter, &code, &desc).await,
+                    Ok(SessionEvent::AuthorizationExpired) => SessionObject::authorization_expired(&emitter).await,
+                    Ok(SessionEvent::ReauthorizationRequired) => SessionObject::reauthorization_required(&emitter).await,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "signal publisher fell behind");
+                        Ok(())
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "cannot emit a signal");
+                }
+            }
+        }
+    }
+}
+
+/// Maps an [`ApiError`] to the bus error (used where `?` cannot see the conversion).
+pub fn to_bus_error(e: ApiError) -> Error {
+    Error::from_name(e.name, e.message)
+}
+
+/// The error a caller gets for an unknown session.
+pub fn no_such_session(id: &str) -> ApiError {
+    let shown: String = id.chars().take(64).collect();
+    ApiError::new(ErrorName::NoSuchSession, format!("no session {shown:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> OwnedValue {
+        OwnedValue::try_from(Value::from(s)).unwrap()
+    }
+
+    #[test]
+    fn only_the_same_user_is_allowed() {
+        assert!(caller_allowed(1000, 1000));
+        assert!(!caller_allowed(1001, 1000));
+        assert!(!caller_allowed(0, 1000));
+    }
+
+    #[test]
+    fn profile_validation() {
+        let mut p = HashMap::new();
+        p.insert("unique_user_id".to_owned(), v("user-0001x"));
+        p.insert("email".to_owned(), v("a@b.c"));
+        let ok = parse_profile("new", &p).unwrap();
+        assert_eq!(ok.unique_user_id, "user-0001x");
+        assert!(matches!(parse_profile("Bad", &p), Err(Error::InvalidArgument(_))));
+        let mut q = p.clone();
+        q.insert("color".to_owned(), v("red"));
+        assert!(matches!(parse_profile("new", &q), Err(Error::InvalidArgument(m)) if m.contains("color")));
+        let mut q = p.clone();
+        q.insert("first_name".to_owned(), OwnedValue::from(5u32));
+        assert!(matches!(parse_profile("new", &q), Err(Error::InvalidArgument(m)) if m.contains("first_name")));
+        let mut q = p.clone();
+        q.remove("email");
+        assert!(matches!(parse_profile("new", &q), Err(Error::InvalidArgument(m)) if m.contains("email")));
+        let mut q = p.clone();
+        q.insert("unique_user_id".to_owned(), v("short"));
+        assert!(matches!(parse_profile("new", &q), Err(Error::InvalidArgument(_))));
+        let mut q = p;
+        q.insert("backend_token".to_owned(), v("tok en"));
+        assert!(matches!(parse_profile("new", &q), Err(Error::InvalidArgument(m)) if !m.contains("tok en")));
+    }
+}

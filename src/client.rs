@@ -1,0 +1,97 @@
+//! Client proxies of the D-Bus API, generated from the same names the daemon serves; used by
+//! `entrupy-tokenctl`, the examples and the tests.
+
+use std::collections::HashMap;
+
+use zbus::proxy;
+use zbus::zvariant::{OwnedObjectPath, Value};
+
+/// `com.entrupy.TokenDaemon1.Manager`.
+#[proxy(
+    interface = "com.entrupy.TokenDaemon1.Manager",
+    default_service = "com.entrupy.TokenDaemon1",
+    default_path = "/com/entrupy/TokenDaemon1"
+)]
+pub trait Manager {
+    /// All sessions.
+    fn list_sessions(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    /// One session's path.
+    fn get_session(&self, id: &str) -> zbus::Result<OwnedObjectPath>;
+    /// Adds a session.
+    fn add_session(&self, id: &str, profile: HashMap<&str, Value<'_>>) -> zbus::Result<OwnedObjectPath>;
+    /// Removes a session.
+    fn remove_session(&self, id: &str) -> zbus::Result<()>;
+    /// The daemon's version.
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+}
+
+/// `com.entrupy.TokenDaemon1.Session`.
+#[proxy(interface = "com.entrupy.TokenDaemon1.Session", default_service = "com.entrupy.TokenDaemon1")]
+pub trait Session {
+    /// Valid now?
+    fn is_authorization_valid(&self) -> zbus::Result<bool>;
+    /// Token and expiry.
+    fn get_token(&self) -> zbus::Result<(String, u64)>;
+    /// Token valid for at least `min_seconds`.
+    fn ensure_valid(&self, min_seconds: u32) -> zbus::Result<(String, u64)>;
+    /// Re-authorize now.
+    fn refresh(&self) -> zbus::Result<u64>;
+    /// A fresh authorization request.
+    fn generate_authorization_request(&self) -> zbus::Result<String>;
+    /// Log in with a signed request.
+    fn login_with_signed_request(&self, signed: &str) -> zbus::Result<u64>;
+    /// Drop the token.
+    fn cleanup(&self) -> zbus::Result<()>;
+    /// Id.
+    #[zbus(property)]
+    fn id(&self) -> zbus::Result<String>;
+    /// User.
+    #[zbus(property)]
+    fn unique_user_id(&self) -> zbus::Result<String>;
+    /// Username.
+    #[zbus(property)]
+    fn username(&self) -> zbus::Result<String>;
+    /// State.
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+    /// Valid.
+    #[zbus(property)]
+    fn valid(&self) -> zbus::Result<bool>;
+    /// Expiry.
+    #[zbus(property)]
+    fn expires_at(&self) -> zbus::Result<u64>;
+    /// Next refresh.
+    #[zbus(property)]
+    fn refresh_at(&self) -> zbus::Result<u64>;
+    /// Last login.
+    #[zbus(property)]
+    fn last_login_at(&self) -> zbus::Result<u64>;
+    /// Last error.
+    #[zbus(property)]
+    fn last_error(&self) -> zbus::Result<String>;
+    /// Signal.
+    #[zbus(signal)]
+    fn login_succeeded(&self, expires_at: u64) -> zbus::Result<()>;
+    /// Signal.
+    #[zbus(signal)]
+    fn login_failed(&self, error_code: String, description: String) -> zbus::Result<()>;
+    /// Signal.
+    #[zbus(signal)]
+    fn authorization_expired(&self) -> zbus::Result<()>;
+    /// Signal.
+    #[zbus(signal)]
+    fn reauthorization_required(&self) -> zbus::Result<()>;
+}
+
+/// The short error name of a D-Bus error from the daemon (`NetworkError`), or the full name
+/// for other errors.
+pub fn short_error_name(e: &zbus::Error) -> Option<String> {
+    match e {
+        zbus::Error::MethodError(name, _, _) => {
+            let n = name.as_str();
+            Some(n.strip_prefix(&format!("{}.", crate::names::ERROR_PREFIX)).unwrap_or(n).to_owned())
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,19 @@
+//! entrupy-tokend: keeps a user's short-lived Entrupy SDK authorization token valid in the
+//! background and answers local apps over D-Bus. See `ARCHITECTURE.md` for the map.
+
+pub mod authreq;
+pub mod bus;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod ctl;
+pub mod daemon;
+pub mod error;
+pub mod http;
+pub mod logging;
+pub mod names;
+pub mod policy;
+pub mod schedule;
+pub mod secret;
+pub mod session;
+pub mod store;

@@ -1,0 +1,1380 @@
+//! One session: its state machine ([`Core`], pure) and the task that owns it ([`spawn`]).
+//!
+//! [`Core`] takes `now` and returns decisions: what the public `State` is, when the next
+//! automatic attempt is due, what an outcome does to the schedule. It knows no tokio, no
+//! network and no disk. The task around it is the only owner of the session's state: D-Bus
+//! calls, timers, the wall-clock sweep, reloads and HTTP results reach it as [`Command`]s or
+//! as the end of its one attempt future, so there is exactly one login attempt at a time
+//! and concurrent callers share its outcome. It publishes a [`Snapshot`] through a `watch`
+//! channel (read by the bus without waiting on the task) and [`SessionEvent`]s through a
+//! `broadcast` channel.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::{Instrument, info, warn};
+
+use crate::clock::{Clock, fmt_time, until};
+use crate::config::CredentialSource;
+use crate::error::{ApiError, ErrorName};
+use crate::http::{self, Clients, Failure, FailureKind, LoginOk, Peer};
+use crate::policy::{self, Budget};
+use crate::secret::Secret;
+use crate::store::{SessionRecord, Store, StoredProfile};
+
+/// The public `State` property.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// No token, not trying.
+    LoggedOut,
+    /// A valid token, no attempt under way.
+    Valid,
+    /// An attempt under way.
+    Refreshing,
+    /// No valid token, waiting to retry.
+    Expired,
+    /// The backend rejected the credential.
+    NeedsReauthorization,
+    /// A permanent error.
+    Failed,
+}
+
+impl State {
+    /// The SPEC's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::LoggedOut => "logged-out",
+            State::Valid => "valid",
+            State::Refreshing => "refreshing",
+            State::Expired => "expired",
+            State::NeedsReauthorization => "needs-reauthorization",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// Where the session's app-user credential comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// None: signing requests go without `Authorization`.
+    None,
+    /// A file (or systemd credential), read at every attempt.
+    Source(CredentialSource),
+    /// Given to `AddSession` and kept with the state.
+    Inline(Secret),
+}
+
+/// Who the session is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    /// Session id.
+    pub id: String,
+    /// The user.
+    pub unique_user_id: String,
+    /// E-mail.
+    pub email: String,
+    /// Optional.
+    pub first_name: Option<String>,
+    /// Optional.
+    pub last_name: Option<String>,
+    /// The app-user credential.
+    pub credential: Credential,
+    /// True for sessions added over D-Bus (their profile lives in the state).
+    pub from_dbus: bool,
+}
+
+/// Policy settings, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Params {
+    /// Refresh margin.
+    pub margin: f64,
+    /// Refresh jitter.
+    pub jitter: f64,
+    /// First backoff delay.
+    pub backoff_initial: f64,
+    /// Backoff cap.
+    pub backoff_max: f64,
+    /// Login budget per user.
+    pub budget: Budget,
+}
+
+impl Params {
+    /// From the config.
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Params {
+            margin: c.refresh.margin.as_secs_f64(),
+            jitter: c.refresh.jitter.as_secs_f64(),
+            backoff_initial: c.refresh.backoff_initial.as_secs_f64(),
+            backoff_max: c.refresh.backoff_max.as_secs_f64(),
+            budget: Budget { per_minute: c.rate_limit.logins_per_minute, per_day: c.rate_limit.logins_per_day },
+        }
+    }
+}
+
+/// What drives the session's automatic behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Not trying (never logged in without a backend, or after `Cleanup`).
+    LoggedOut,
+    /// Keeping the token valid.
+    Active,
+    /// The backend rejected the credential; waiting for a change or a client.
+    NeedsReauth,
+    /// A permanent error; waiting for a change or a client.
+    Failed,
+}
+
+/// The session's state and the pure decisions on it.
+#[derive(Debug, Clone)]
+pub struct Core {
+    /// Policy settings.
+    pub params: Params,
+    /// Whether a backend URL is configured (else only `LoginWithSignedRequest` logs in).
+    pub has_backend: bool,
+    /// What drives automatic attempts.
+    pub mode: Mode,
+    /// The token, when one is held (kept after expiry so `ExpiresAt` stays).
+    pub token: Option<Secret>,
+    /// Exact expiry.
+    pub expires_at: Option<f64>,
+    /// When the last login answer arrived.
+    pub last_login_at: Option<f64>,
+    /// The planned proactive refresh of the current token.
+    pub refresh_at: Option<f64>,
+    /// The planned retry after a failure, when retrying.
+    pub retry_at: Option<f64>,
+    /// Failures in a row (the backoff exponent).
+    pub backoff_attempt: u32,
+    /// No request before this (a 429's `Retry-After`).
+    pub not_before: Option<f64>,
+    /// As returned by the backend.
+    pub username: String,
+    /// Last failure's name.
+    pub last_error: Option<ErrorName>,
+    /// An attempt is under way.
+    pub in_flight: bool,
+    /// `AuthorizationExpired` was emitted for the current token.
+    pub expired_announced: bool,
+}
+
+/// How a finished attempt went, as the core sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Logged in.
+    Success {
+        /// Exact expiry.
+        expires_at: f64,
+        /// When the answer arrived.
+        received_at: f64,
+    },
+    /// Transient failure (network, 5xx, malformed, Entrupy 401 after the retry).
+    Transient,
+    /// A 429, with the seconds to wait when known.
+    RateLimited(Option<f64>),
+    /// The backend rejected the credential.
+    Reauthorize,
+    /// Permanent.
+    Permanent,
+}
+
+impl Core {
+    /// A fresh core.
+    pub fn new(params: Params, has_backend: bool) -> Self {
+        Core {
+            params,
+            has_backend,
+            mode: if has_backend { Mode::Active } else { Mode::LoggedOut },
+            token: None,
+            expires_at: None,
+            last_login_at: None,
+            refresh_at: None,
+            retry_at: None,
+            backoff_attempt: 0,
+            not_before: None,
+            username: String::new(),
+            last_error: None,
+            in_flight: false,
+            expired_announced: false,
+        }
+    }
+
+    /// Restores from a stored record, at `now`. A stored token already past its refresh point
+    /// (without jitter) is due at once; one before it keeps its stored plan.
+    pub fn restore(params: Params, has_backend: bool, rec: &SessionRecord, now: f64) -> Self {
+        let mut c = Core::new(params, has_backend);
+        c.username = rec.username.clone();
+        c.last_error = rec.last_error.as_deref().and_then(ErrorName::parse);
+        c.last_login_at = rec.last_login_at;
+        if rec.logged_out {
+            c.mode = Mode::LoggedOut;
+            return c;
+        }
+        if let (Some(tok), Some(exp)) = (&rec.token, rec.expires_at) {
+            c.token = Some(tok.clone());
+            c.expires_at = Some(exp);
+            c.expired_announced = now >= exp;
+            let received = rec.last_login_at.unwrap_or(exp).min(exp);
+            let point = policy::refresh_point(exp, received, params.margin);
+            c.refresh_at = Some(match rec.refresh_at {
+                Some(r) if r.is_finite() && r <= point => r,
+                _ => point,
+            });
+            c.mode = Mode::Active;
+        }
+        c
+    }
+
+    /// Whether the token is valid at `now`.
+    pub fn valid(&self, now: f64) -> bool {
+        policy::is_valid(self.token.is_some(), self.expires_at, now)
+    }
+
+    /// The public state at `now`.
+    pub fn state(&self, now: f64) -> State {
+        if self.in_flight {
+            return State::Refreshing;
+        }
+        match self.mode {
+            Mode::LoggedOut => State::LoggedOut,
+            Mode::NeedsReauth => State::NeedsReauthorization,
+            Mode::Failed => State::Failed,
+            Mode::Active if self.valid(now) => State::Valid,
+            Mode::Active => State::Expired,
+        }
+    }
+
+    /// Whether the session is waiting out a backoff.
+    pub fn retrying(&self) -> bool {
+        self.retry_at.is_some()
+    }
+
+    /// When the next automatic attempt may start, the budget permitting (`budget_free_at`
+    /// is when the budget frees, `None` when it is free). `None` when none is planned.
+    pub fn due_at(&self, budget_free_at: Option<f64>) -> Option<f64> {
+        if self.mode != Mode::Active || !self.has_backend || self.in_flight {
+            return None;
+        }
+        let base = match (self.retry_at, self.refresh_at, self.token.is_some()) {
+            (Some(r), _, _) => r,
+            (None, Some(r), true) => r,
+            _ => f64::NEG_INFINITY,
+        };
+        let due = [Some(base), self.not_before, budget_free_at].into_iter().flatten().fold(f64::NEG_INFINITY, f64::max);
+        Some(due)
+    }
+
+    /// The `RefreshAt` property: the next planned attempt, 0 when none.
+    pub fn refresh_at_property(&self, budget_free_at: Option<f64>, now: f64) -> f64 {
+        match self.due_at(budget_free_at) {
+            Some(t) if t.is_finite() => t.max(0.0),
+            Some(_) => now,
+            None => 0.0,
+        }
+    }
+
+    /// Whether a client may start an attempt now; the error says why not.
+    pub fn client_may_attempt(
+        &self,
+        budget_free_at: Option<f64>,
+        now: f64,
+        needs_backend: bool,
+    ) -> Result<(), ApiError> {
+        if needs_backend && !self.has_backend {
+            return Err(ApiError::new(
+                ErrorName::NotConfigured,
+                "no [backend] url is configured; log in with LoginWithSignedRequest",
+            ));
+        }
+        if let Some(nb) = self.not_before.filter(|nb| *nb > now) {
+            return Err(ApiError::new(
+                ErrorName::TooManyRequests,
+                format!("rate limited upstream; retry after {} (in {:.0} s)", fmt_time(nb), (nb - now).ceil()),
+            ));
+        }
+        if let Some(free) = budget_free_at.filter(|f| *f > now) {
+            return Err(ApiError::new(
+                ErrorName::TooManyRequests,
+                format!("login budget spent; it frees at {} (in {:.0} s)", fmt_time(free), (free - now).ceil()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies a finished attempt. `asked` is true when a client asked for it; `u` is a
+    /// uniform random number for jitter. Returns true when the session newly entered
+    /// `needs-reauthorization`.
+    pub fn apply(&mut self, outcome: &Outcome, asked: bool, now: f64, u: f64) -> bool {
+        self.in_flight = false;
+        let had_schedule = self.retry_at.is_some() || self.refresh_at.is_none() || self.mode != Mode::Active;
+        match *outcome {
+            Outcome::Success { expires_at, received_at } => {
+                self.mode = Mode::Active;
+                self.expires_at = Some(expires_at);
+                self.last_login_at = Some(received_at);
+                self.expired_announced = false;
+                self.retry_at = None;
+                self.backoff_attempt = 0;
+                self.last_error = None;
+                self.refresh_at = if self.has_backend {
+                    Some(policy::refresh_at(expires_at, received_at, self.params.margin, self.params.jitter, u))
+                } else {
+                    None
+                };
+                false
+            }
+            Outcome::Transient | Outcome::RateLimited(_) => {
+                if let Outcome::RateLimited(Some(secs)) = *outcome {
+                    self.not_before = Some(now + secs);
+                }
+                if self.mode != Mode::Active {
+                    self.mode = Mode::Active;
+                }
+                // A failed attempt that a client asked for leaves the automatic schedule as
+                // it was, unless the session was already retrying (or had no schedule).
+                if !asked || had_schedule {
+                    let delay = policy::backoff_delay(
+                        self.backoff_attempt,
+                        self.params.backoff_initial,
+                        self.params.backoff_max,
+                        u,
+                    );
+                    self.backoff_attempt = self.backoff_attempt.saturating_add(1);
+                    self.retry_at = Some(now + delay);
+                }
+                false
+            }
+            Outcome::Reauthorize => {
+                let newly = self.mode != Mode::NeedsReauth;
+                self.mode = Mode::NeedsReauth;
+                self.retry_at = None;
+                self.backoff_attempt = 0;
+                newly
+            }
+            Outcome::Permanent => {
+                self.mode = Mode::Failed;
+                self.retry_at = None;
+                self.backoff_attempt = 0;
+                false
+            }
+        }
+    }
+
+    /// `Cleanup`: drop the token and stop refreshing.
+    pub fn cleanup(&mut self) {
+        self.mode = Mode::LoggedOut;
+        self.token = None;
+        self.expires_at = None;
+        self.refresh_at = None;
+        self.retry_at = None;
+        self.backoff_attempt = 0;
+        self.in_flight = false;
+        self.expired_announced = false;
+    }
+
+    /// A change (credential file, config reload) lets a waiting session try again.
+    pub fn unblock(&mut self) {
+        if matches!(self.mode, Mode::NeedsReauth | Mode::Failed) {
+            self.mode = Mode::Active;
+            self.retry_at = None;
+            self.backoff_attempt = 0;
+        }
+    }
+
+    /// The next moment the task must look at the session: the expiry flip or the due attempt.
+    pub fn next_wake(&self, budget_free_at: Option<f64>) -> Option<f64> {
+        let expiry = match (self.token.is_some(), self.expires_at, self.expired_announced) {
+            (true, Some(e), false) => Some(e),
+            _ => None,
+        };
+        [expiry, self.due_at(budget_free_at)].into_iter().flatten().reduce(f64::min)
+    }
+}
+
+/// What the bus layer reads without waiting on the task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Session id.
+    pub id: String,
+    /// The user.
+    pub unique_user_id: String,
+    /// As returned by the backend.
+    pub username: String,
+    /// Public state.
+    pub state: State,
+    /// The token, when held.
+    pub token: Option<Secret>,
+    /// Exact expiry.
+    pub expires_at: Option<f64>,
+    /// `RefreshAt` (Unix seconds, 0 when none).
+    pub refresh_at: f64,
+    /// `LastLoginAt`.
+    pub last_login_at: Option<f64>,
+    /// `LastError`.
+    pub last_error: Option<ErrorName>,
+    /// `Valid` when the snapshot was taken (it changes on time, so it is part of the
+    /// snapshot to make the expiry flip a change).
+    pub valid: bool,
+    /// Logins of this user in the last 24 h (for `status`).
+    pub logins_today: u32,
+    /// The daily budget (for `status`).
+    pub logins_per_day: u32,
+}
+
+impl Snapshot {
+    /// Valid at `now`: a token and `now < expires_at`.
+    pub fn valid(&self, now: f64) -> bool {
+        policy::is_valid(self.token.is_some(), self.expires_at, now)
+    }
+
+    /// `ExpiresAt`, rounded down, 0 when none.
+    pub fn expires_at_secs(&self) -> u64 {
+        self.expires_at.map(|e| e.max(0.0).floor() as u64).unwrap_or(0)
+    }
+}
+
+/// Signals of a session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEvent {
+    /// `LoginSucceeded(t expires_at)`.
+    LoginSucceeded(f64),
+    /// `LoginFailed(s error_code, s description)`.
+    LoginFailed(String, String),
+    /// `AuthorizationExpired()`.
+    AuthorizationExpired,
+    /// `ReauthorizationRequired()`.
+    ReauthorizationRequired,
+}
+
+/// Settings a session runs with; replaced on reload.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Who.
+    pub profile: Profile,
+    /// Policy.
+    pub params: Params,
+    /// HTTP clients (with or without a backend).
+    pub clients: Clients,
+}
+
+/// What the daemon shares among sessions.
+#[derive(Debug)]
+pub struct Shared {
+    /// The state on disk; `None` when the state directory could not be used (in memory only).
+    pub store: Option<Store>,
+    /// Login histories per user, the budget's memory.
+    pub logins: Mutex<HashMap<String, Vec<f64>>>,
+    /// The installation's device id.
+    pub device_id: String,
+    /// The wall clock.
+    pub clock: Clock,
+}
+
+impl Shared {
+    fn budget_free_at(&self, uid: &str, budget: Budget, now: f64) -> Option<f64> {
+        let logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        budget.free_at(logins.get(uid).map(Vec::as_slice).unwrap_or(&[]), now)
+    }
+
+    fn used_today(&self, uid: &str, now: f64) -> u32 {
+        let logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        logins.get(uid).map(|l| Budget::used_today(l, now) as u32).unwrap_or(0)
+    }
+
+    /// Reserves a login slot at `now` when the budget allows; the entry counts as a login
+    /// until [`Shared::settle`] replaces or removes it.
+    fn reserve(&self, uid: &str, budget: Budget, now: f64) -> Result<Vec<f64>, f64> {
+        let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = logins.entry(uid.to_owned()).or_default();
+        Budget::prune(entry, now);
+        if let Some(free) = budget.free_at(entry, now) {
+            return Err(free);
+        }
+        entry.push(now);
+        Ok(entry.clone())
+    }
+
+    /// Ends a reservation: a success moves it to `success_at`, a failure drops it.
+    fn settle(&self, uid: &str, reserved_at: f64, success_at: Option<f64>) -> Vec<f64> {
+        let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = logins.entry(uid.to_owned()).or_default();
+        if let Some(pos) = entry.iter().position(|t| *t == reserved_at) {
+            match success_at {
+                Some(t) => entry[pos] = t,
+                None => {
+                    entry.remove(pos);
+                }
+            }
+        } else if let Some(t) = success_at {
+            entry.push(t);
+        }
+        entry.clone()
+    }
+
+    async fn persist_logins(&self, uid: &str, logins: Vec<f64>) {
+        let Some(store) = self.store.clone() else { return };
+        let uid_owned = uid.to_owned();
+        let res = tokio::task::spawn_blocking(move || store.save_logins(&uid_owned, &logins)).await;
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(unique_user_id = uid, error = %e, "cannot save the login history"),
+            Err(e) => tracing::error!(error = %e, "login history writer failed"),
+        }
+    }
+}
+
+/// A request to the session's task.
+#[derive(Debug)]
+pub enum Command {
+    /// `Refresh()`.
+    Refresh(oneshot::Sender<Result<f64, ApiError>>),
+    /// `EnsureValid(u)`.
+    EnsureValid(u32, oneshot::Sender<Result<(Secret, f64), ApiError>>),
+    /// `LoginWithSignedRequest(s)`.
+    LoginSigned(Secret, oneshot::Sender<Result<f64, ApiError>>),
+    /// `Cleanup()`.
+    Cleanup(oneshot::Sender<()>),
+    /// Look at the wall clock again (sweep, resume, clock change).
+    Wake,
+    /// Connectivity is back: a session waiting out a backoff tries now.
+    NetworkUp,
+    /// New settings (reload).
+    Reconfigure(Box<Settings>, oneshot::Sender<()>),
+    /// Stop: cancel what is under way, flush the state, end the task. With `forget`, the
+    /// session's state file is removed too (`RemoveSession`).
+    Stop {
+        /// Remove the state file.
+        forget: bool,
+        /// Answered when done.
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The bus layer's handle on a session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    /// Session id.
+    pub id: String,
+    tx: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<Snapshot>,
+    events: broadcast::Sender<SessionEvent>,
+    clock: Clock,
+}
+
+fn gone() -> ApiError {
+    ApiError::new(ErrorName::Cancelled, "the session was stopped")
+}
+
+impl SessionHandle {
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    /// A receiver of snapshot changes.
+    pub fn watch(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.clone()
+    }
+
+    /// A receiver of the session's signals.
+    pub fn subscribe(&self) -> broadcast::Receiver<SessionEvent> {
+        self.events.subscribe()
+    }
+
+    /// `IsAuthorizationValid()`, from the wall clock and the snapshot.
+    pub fn is_valid(&self) -> bool {
+        self.snapshot.borrow().valid(self.clock.now())
+    }
+
+    /// `GetToken()`.
+    pub fn get_token(&self) -> Result<(Secret, f64), ApiError> {
+        let snap = self.snapshot.borrow();
+        match (&snap.token, snap.expires_at) {
+            (Some(t), Some(e)) if self.clock.now() < e => Ok((t.clone(), e)),
+            _ => Err(ApiError::new(ErrorName::NotAuthorized, "no valid token")),
+        }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// `EnsureValid(min_seconds)`: answered from the snapshot when it suffices.
+    pub async fn ensure_valid(&self, min_seconds: u32) -> Result<(Secret, f64), ApiError> {
+        if let Ok((t, e)) = self.get_token()
+            && e - self.clock.now() >= f64::from(min_seconds)
+        {
+            return Ok((t, e));
+        }
+        self.ask(|tx| Command::EnsureValid(min_seconds, tx)).await?
+    }
+
+    /// `Refresh()`.
+    pub async fn refresh(&self) -> Result<f64, ApiError> {
+        self.ask(Command::Refresh).await?
+    }
+
+    /// `LoginWithSignedRequest(signed)`.
+    pub async fn login_with_signed(&self, signed: Secret) -> Result<f64, ApiError> {
+        self.ask(|tx| Command::LoginSigned(signed, tx)).await?
+    }
+
+    /// `Cleanup()`.
+    pub async fn cleanup(&self) -> Result<(), ApiError> {
+        self.ask(Command::Cleanup).await
+    }
+
+    /// Asks the session to look at the wall clock again; never waits.
+    pub fn wake(&self) {
+        let _ = self.tx.try_send(Command::Wake);
+    }
+
+    /// Tells the session the network is back; never waits.
+    pub fn network_up(&self) {
+        let _ = self.tx.try_send(Command::NetworkUp);
+    }
+
+    /// Applies new settings.
+    pub async fn reconfigure(&self, settings: Settings) {
+        let _ = self.ask(|tx| Command::Reconfigure(Box::new(settings), tx)).await;
+    }
+
+    /// Stops the task after flushing its state; with `forget`, removes the state too.
+    pub async fn stop(&self, forget: bool) {
+        let _ = self.ask(|done| Command::Stop { forget, done }).await;
+    }
+}
+
+/// A caller waiting for the attempt under way.
+#[derive(Debug)]
+enum Waiter {
+    Refresh(oneshot::Sender<Result<f64, ApiError>>),
+    Ensure(oneshot::Sender<Result<(Secret, f64), ApiError>>),
+    Signed(oneshot::Sender<Result<f64, ApiError>>),
+}
+
+#[derive(Debug)]
+enum AttemptKind {
+    Backend,
+    Signed(Secret),
+}
+
+#[derive(Debug)]
+struct Success {
+    login: LoginOk,
+    username: Option<String>,
+    received_at: f64,
+}
+
+#[derive(Debug)]
+enum AttemptError {
+    Http(Failure),
+    NotConfigured,
+    Credential(String),
+}
+
+type AttemptFuture = Pin<Box<dyn Future<Output = Result<Success, AttemptError>> + Send>>;
+
+struct Attempt {
+    fut: AttemptFuture,
+    asked: bool,
+    reserved_at: f64,
+    waiters: Vec<Waiter>,
+}
+
+/// The task's state.
+struct Task {
+    settings: Settings,
+    core: Core,
+    shared: Arc<Shared>,
+    attempt: Option<Attempt>,
+    /// `LoginWithSignedRequest` callers waiting for their turn.
+    signed_queue: VecDeque<(Secret, oneshot::Sender<Result<f64, ApiError>>)>,
+    snapshot_tx: watch::Sender<Snapshot>,
+    events: broadcast::Sender<SessionEvent>,
+    /// Modification stamp of the credential file at the last rejection.
+    credential_stamp: Option<(i64, i64, u64, u64)>,
+}
+
+fn file_stamp(src: &CredentialSource) -> Option<(i64, i64, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(src.path().ok()?).ok()?;
+    Some((m.mtime(), m.mtime_nsec(), m.len(), m.ino()))
+}
+
+/// Starts a session's task. `record` is what the store kept of it, if anything.
+pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shared>) -> SessionHandle {
+    let now = shared.clock.now();
+    let has_backend = settings.clients.has_backend();
+    let mut core = match &record {
+        Some(rec) if rec.unique_user_id == settings.profile.unique_user_id || rec.unique_user_id.is_empty() => {
+            Core::restore(settings.params, has_backend, rec, now)
+        }
+        // The stored token belongs to another user: start afresh.
+        _ => Core::new(settings.params, has_backend),
+    };
+    if core.mode == Mode::Active && !has_backend && core.token.is_none() {
+        core.mode = Mode::LoggedOut;
+    }
+    let (tx, rx) = mpsc::channel(1024);
+    let (events, _) = broadcast::channel(64);
+    let snap = build_snapshot(&settings, &core, &shared, now);
+    let (snapshot_tx, snapshot_rx) = watch::channel(snap);
+    let handle = SessionHandle {
+        id: settings.profile.id.clone(),
+        tx,
+        snapshot: snapshot_rx,
+        events: events.clone(),
+        clock: shared.clock.clone(),
+    };
+    let span = tracing::info_span!("session", session = %settings.profile.id);
+    let task = Task {
+        settings,
+        core,
+        shared,
+        attempt: None,
+        signed_queue: VecDeque::new(),
+        snapshot_tx,
+        events,
+        credential_stamp: None,
+    };
+    tokio::spawn(task.run(rx).instrument(span));
+    handle
+}
+
+fn build_snapshot(settings: &Settings, core: &Core, shared: &Shared, now: f64) -> Snapshot {
+    let uid = &settings.profile.unique_user_id;
+    let free = shared.budget_free_at(uid, core.params.budget, now);
+    Snapshot {
+        id: settings.profile.id.clone(),
+        unique_user_id: uid.clone(),
+        username: core.username.clone(),
+        state: core.state(now),
+        token: core.token.clone(),
+        expires_at: core.expires_at,
+        refresh_at: core.refresh_at_property(free, now),
+        last_login_at: core.last_login_at,
+        last_error: core.last_error,
+        valid: core.valid(now),
+        logins_today: shared.used_today(uid, now),
+        logins_per_day: core.params.budget.per_day,
+    }
+}
+
+impl Task {
+    fn now(&self) -> f64 {
+        self.shared.clock.now()
+    }
+
+    fn budget_free_at(&self, now: f64) -> Option<f64> {
+        self.shared.budget_free_at(&self.settings.profile.unique_user_id, self.core.params.budget, now)
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        if self.core.token.is_some() || self.core.mode == Mode::Active {
+            info!(
+                state = self.core.state(self.now()).as_str(),
+                expires_at = self.core.expires_at.map(fmt_time),
+                "session loaded"
+            );
+        }
+        loop {
+            let now = self.now();
+            self.tick(now);
+            self.publish(now);
+            let wake = self.core.next_wake(self.budget_free_at(now));
+            let sleep =
+                tokio::time::sleep(wake.map(|w| until(now, w)).unwrap_or(std::time::Duration::from_secs(86_400)));
+            tokio::pin!(sleep);
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    None => {
+                        self.stop(false).await;
+                        return;
+                    }
+                    Some(Command::Stop { forget, done }) => {
+                        self.stop(forget).await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(cmd) => self.handle(cmd).await,
+                },
+                result = async {
+                    match self.attempt.as_mut() {
+                        Some(a) => (&mut a.fut).await,
+                        None => std::future::pending().await,
+                    }
+                } => self.finish(result).await,
+                _ = &mut sleep, if wake.is_some() => {}
+            }
+        }
+    }
+
+    /// Time-driven work: the expiry flip and a due automatic attempt.
+    fn tick(&mut self, now: f64) {
+        if let (Some(_), Some(exp), false) = (&self.core.token, self.core.expires_at, self.core.expired_announced)
+            && now >= exp
+        {
+            self.core.expired_announced = true;
+            warn!(expires_at = %fmt_time(exp), "authorization expired");
+            self.emit(now, SessionEvent::AuthorizationExpired);
+        }
+        if self.attempt.is_none()
+            && let Some(due) = self.core.due_at(self.budget_free_at(now))
+            && now >= due
+        {
+            self.start(AttemptKind::Backend, false, now, Vec::new());
+        }
+    }
+
+    /// Publishes the snapshot first, so a client reacting to the signal reads the new state.
+    fn emit(&self, now: f64, ev: SessionEvent) {
+        self.publish(now);
+        let _ = self.events.send(ev);
+    }
+
+    fn publish(&self, now: f64) {
+        let snap = build_snapshot(&self.settings, &self.core, &self.shared, now);
+        self.snapshot_tx.send_if_modified(|old| {
+            if *old != snap {
+                *old = snap;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Starts an attempt, reserving a login slot first. Returns the waiters back when the
+    /// budget does not allow one (the caller decides what they get).
+    fn start(&mut self, kind: AttemptKind, asked: bool, now: f64, waiters: Vec<Waiter>) {
+        let uid = self.settings.profile.unique_user_id.clone();
+        let logins = match self.shared.reserve(&uid, self.core.params.budget, now) {
+            Ok(l) => l,
+            Err(free) => {
+                // Only reachable when the budget changed between the check and here.
+                let e = budget_error(free, now);
+                for w in waiters {
+                    answer_err(w, e.clone());
+                }
+                return;
+            }
+        };
+        self.core.in_flight = true;
+        let ctx = AttemptCtx {
+            clients: self.settings.clients.clone(),
+            profile: self.settings.profile.clone(),
+            device_id: self.shared.device_id.clone(),
+            clock: self.shared.clock.clone(),
+            shared: self.shared.clone(),
+            logins,
+        };
+        info!(attempt = self.core.backoff_attempt + 1, asked, "login attempt");
+        self.attempt = Some(Attempt { fut: Box::pin(run_attempt(kind, ctx)), asked, reserved_at: now, waiters });
+    }
+
+    async fn handle(&mut self, cmd: Command) {
+        let now = self.now();
+        match cmd {
+            Command::Refresh(tx) => self.client_attempt(Waiter::Refresh(tx), now),
+            Command::EnsureValid(min, tx) => {
+                if let (Some(t), Some(e)) = (&self.core.token, self.core.expires_at)
+                    && e - now >= f64::from(min)
+                {
+                    let _ = tx.send(Ok((t.clone(), e)));
+                    return;
+                }
+                self.client_attempt(Waiter::Ensure(tx), now);
+            }
+            Command::LoginSigned(signed, tx) => {
+                if let Some(a) = self.attempt.as_mut() {
+                    // Wait for the attempt under way; its success serves this caller too.
+                    let _ = a;
+                    self.signed_queue.push_back((signed, tx));
+                    return;
+                }
+                if let Err(e) = self.core.client_may_attempt(self.budget_free_at(now), now, false) {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                self.start(AttemptKind::Signed(signed), true, now, vec![Waiter::Signed(tx)]);
+            }
+            Command::Cleanup(tx) => {
+                self.cancel_attempt("cancelled by Cleanup");
+                self.core.cleanup();
+                info!("cleaned up: token dropped, refreshing stopped");
+                self.persist(true).await;
+                let _ = tx.send(());
+            }
+            Command::Wake => {
+                self.check_credential_change();
+            }
+            Command::NetworkUp => {
+                if self.core.retry_at.is_some_and(|r| r > now) {
+                    info!("network is back: retrying now");
+                    self.core.retry_at = Some(now);
+                }
+            }
+            Command::Reconfigure(settings, done) => {
+                self.reconfigure(*settings, now).await;
+                let _ = done.send(());
+            }
+            Command::Stop { .. } => {}
+        }
+    }
+
+    /// `Refresh` or `EnsureValid`: join the attempt under way, or start one.
+    fn client_attempt(&mut self, waiter: Waiter, now: f64) {
+        if let Some(a) = self.attempt.as_mut() {
+            a.waiters.push(waiter);
+            return;
+        }
+        if let Err(e) = self.core.client_may_attempt(self.budget_free_at(now), now, true) {
+            answer_err(waiter, e);
+            return;
+        }
+        self.start(AttemptKind::Backend, true, now, vec![waiter]);
+    }
+
+    fn check_credential_change(&mut self) {
+        if !matches!(self.core.mode, Mode::NeedsReauth | Mode::Failed) {
+            return;
+        }
+        if let Credential::Source(src) = &self.settings.profile.credential {
+            let stamp = file_stamp(src);
+            if stamp != self.credential_stamp {
+                info!(credential = %src.describe(), "credential file changed: trying again");
+                self.core.unblock();
+            }
+        }
+    }
+
+    async fn reconfigure(&mut self, settings: Settings, now: f64) {
+        let uid_changed = settings.profile.unique_user_id != self.settings.profile.unique_user_id;
+        let has_backend = settings.clients.has_backend();
+        self.settings = settings;
+        self.core.params = self.settings.params;
+        self.core.has_backend = has_backend;
+        if uid_changed {
+            self.cancel_attempt("cancelled: the session's user changed");
+            let mode = self.core.mode;
+            self.core.cleanup();
+            self.core.mode = if mode == Mode::LoggedOut || !has_backend { Mode::LoggedOut } else { Mode::Active };
+            self.core.username.clear();
+        } else {
+            self.core.unblock();
+            if let (Some(exp), Some(rx)) = (self.core.expires_at, self.core.last_login_at) {
+                let point = policy::refresh_point(exp, rx, self.core.params.margin);
+                self.core.refresh_at = Some(self.core.refresh_at.map_or(point, |r| r.min(point)));
+            }
+        }
+        if !has_backend && self.core.mode == Mode::Active && !self.core.valid(now) {
+            self.core.retry_at = None;
+        }
+        self.persist(false).await;
+    }
+
+    fn cancel_attempt(&mut self, why: &str) {
+        if let Some(a) = self.attempt.take() {
+            self.core.in_flight = false;
+            // The request may have reached Entrupy: the reserved slot stays counted.
+            for w in a.waiters {
+                answer_err(w, ApiError::new(ErrorName::Cancelled, why));
+            }
+        }
+        for (_, tx) in self.signed_queue.drain(..) {
+            let _ = tx.send(Err(ApiError::new(ErrorName::Cancelled, why)));
+        }
+    }
+
+    async fn stop(&mut self, forget: bool) {
+        self.cancel_attempt("cancelled: the daemon is shutting down");
+        if forget {
+            if let Some(store) = self.shared.store.clone() {
+                let id = self.settings.profile.id.clone();
+                match tokio::task::spawn_blocking(move || store.remove_session(&id)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot remove the session's state"),
+                    Err(e) => tracing::error!(error = %e, "state writer failed"),
+                }
+            }
+        } else {
+            self.persist(self.core.mode == Mode::LoggedOut && self.core.token.is_none()).await;
+        }
+    }
+
+    async fn finish(&mut self, result: Result<Success, AttemptError>) {
+        let Some(attempt) = self.attempt.take() else { return };
+        let now = self.now();
+        let u: f64 = rand::random();
+        let uid = self.settings.profile.unique_user_id.clone();
+        match result {
+            Ok(s) => {
+                let logins = self.shared.settle(&uid, attempt.reserved_at, Some(s.received_at));
+                self.core.token = Some(s.login.token.clone());
+                if let Some(name) = s.username.clone() {
+                    self.core.username = name;
+                }
+                self.core.apply(
+                    &Outcome::Success { expires_at: s.login.expires_at, received_at: s.received_at },
+                    attempt.asked,
+                    now,
+                    u,
+                );
+                // Durable before anyone is given the token: a kill -9 now loses nothing.
+                self.shared.persist_logins(&uid, logins).await;
+                self.persist(false).await;
+                info!(
+                    expires_at = %fmt_time(s.login.expires_at),
+                    refresh_at = self.core.refresh_at.map(fmt_time),
+                    "logged in"
+                );
+                self.emit(now, SessionEvent::LoginSucceeded(s.login.expires_at));
+                let exp = s.login.expires_at;
+                for w in attempt.waiters {
+                    match w {
+                        Waiter::Refresh(tx) | Waiter::Signed(tx) => {
+                            let _ = tx.send(Ok(exp));
+                        }
+                        Waiter::Ensure(tx) => {
+                            let _ = tx.send(Ok((s.login.token.clone(), exp)));
+                        }
+                    }
+                }
+                for (_, tx) in self.signed_queue.drain(..) {
+                    let _ = tx.send(Ok(exp));
+                }
+            }
+            Err(err) => {
+                let logins = self.shared.settle(&uid, attempt.reserved_at, None);
+                self.shared.persist_logins(&uid, logins).await;
+                let (outcome, api, code, description) = self.classify(&err);
+                let signed_attempt = attempt.waiters.iter().any(|w| matches!(w, Waiter::Signed(_)));
+                // A client's own signed request that Entrupy rejects says nothing about the
+                // backend credential or the schedule.
+                let outcome = if signed_attempt && attempt.asked && !matches!(outcome, Outcome::RateLimited(_)) {
+                    None
+                } else {
+                    Some(outcome)
+                };
+                let newly_reauth = match &outcome {
+                    Some(o) => self.core.apply(o, attempt.asked, now, u),
+                    None => {
+                        self.core.in_flight = false;
+                        false
+                    }
+                };
+                self.core.last_error = Some(api.name);
+                if let Credential::Source(src) = &self.settings.profile.credential {
+                    self.credential_stamp = file_stamp(src);
+                }
+                self.persist(false).await;
+                let next = self.core.due_at(self.budget_free_at(now)).map(|t| fmt_time(t.max(now)));
+                warn!(error_class = api.name.as_str(), error = %api.message, next_attempt = next, "login failed");
+                self.emit(now, SessionEvent::LoginFailed(code, description));
+                if newly_reauth {
+                    warn!("the backend rejected the credential: re-authorization required");
+                    self.emit(now, SessionEvent::ReauthorizationRequired);
+                }
+                for w in attempt.waiters {
+                    answer_err(w, api.clone());
+                }
+                // The next signed-request caller in line gets its turn.
+                if let Some((signed, tx)) = self.signed_queue.pop_front() {
+                    let now = self.now();
+                    match self.core.client_may_attempt(self.budget_free_at(now), now, false) {
+                        Ok(()) => self.start(AttemptKind::Signed(signed), true, now, vec![Waiter::Signed(tx)]),
+                        Err(e) => {
+                            let _ = tx.send(Err(e.clone()));
+                            for (_, tx) in self.signed_queue.drain(..) {
+                                let _ = tx.send(Err(e.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Maps an attempt's error to the core's outcome, the API error, and `LoginFailed`'s
+    /// code and description.
+    fn classify(&self, err: &AttemptError) -> (Outcome, ApiError, String, String) {
+        match err {
+            AttemptError::NotConfigured => {
+                let e = ApiError::new(ErrorName::NotConfigured, "no [backend] url is configured");
+                (Outcome::Permanent, e.clone(), e.name.as_str().to_owned(), e.message)
+            }
+            AttemptError::Credential(msg) => {
+                let e = ApiError::new(ErrorName::Unauthorized, msg.clone());
+                (Outcome::Reauthorize, e.clone(), e.name.as_str().to_owned(), e.message)
+            }
+            AttemptError::Http(f) => {
+                let outcome = match (&f.kind, f.peer) {
+                    (FailureKind::RateLimited { retry_after }, _) => Outcome::RateLimited(*retry_after),
+                    (FailureKind::Unauthorized, Peer::Backend) => Outcome::Reauthorize,
+                    (FailureKind::Unauthorized, Peer::Entrupy) => Outcome::Transient,
+                    (FailureKind::Permanent, _) => Outcome::Permanent,
+                    _ => Outcome::Transient,
+                };
+                let name = f.error_name();
+                let api = ApiError::new(name, f.to_string());
+                let code = f.error_code.clone().unwrap_or_else(|| name.as_str().to_owned());
+                (outcome, api, code, f.description.clone())
+            }
+        }
+    }
+
+    async fn persist(&mut self, logged_out: bool) {
+        let Some(store) = self.shared.store.clone() else { return };
+        let p = &self.settings.profile;
+        let rec = SessionRecord {
+            version: crate::store::FORMAT_VERSION,
+            id: p.id.clone(),
+            profile: p.from_dbus.then(|| StoredProfile {
+                unique_user_id: p.unique_user_id.clone(),
+                email: p.email.clone(),
+                first_name: p.first_name.clone(),
+                last_name: p.last_name.clone(),
+                backend_token: match &p.credential {
+                    Credential::Inline(s) => Some(s.clone()),
+                    _ => None,
+                },
+            }),
+            unique_user_id: p.unique_user_id.clone(),
+            username: self.core.username.clone(),
+            token: self.core.token.clone(),
+            expires_at: self.core.expires_at,
+            last_login_at: self.core.last_login_at,
+            refresh_at: self.core.refresh_at,
+            last_error: self.core.last_error.map(|e| e.as_str().to_owned()),
+            logged_out: logged_out || self.core.mode == Mode::LoggedOut && self.core.token.is_none(),
+        };
+        match tokio::task::spawn_blocking(move || store.save_session(&rec)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot save the session's state; it is kept in memory"),
+            Err(e) => tracing::error!(error = %e, "state writer failed"),
+        }
+    }
+}
+
+fn budget_error(free: f64, now: f64) -> ApiError {
+    ApiError::new(
+        ErrorName::TooManyRequests,
+        format!("login budget spent; it frees at {} (in {:.0} s)", fmt_time(free), (free - now).ceil()),
+    )
+}
+
+fn answer_err(w: Waiter, e: ApiError) {
+    match w {
+        Waiter::Refresh(tx) | Waiter::Signed(tx) => {
+            let _ = tx.send(Err(e));
+        }
+        Waiter::Ensure(tx) => {
+            let _ = tx.send(Err(e));
+        }
+    }
+}
+
+struct AttemptCtx {
+    clients: Clients,
+    profile: Profile,
+    device_id: String,
+    clock: Clock,
+    shared: Arc<Shared>,
+    logins: Vec<f64>,
+}
+
+/// One login attempt: persist the reservation, then sign and log in (for the daemon's own
+/// refreshes, an Entrupy 401 gets one more fresh signed request at once).
+async fn run_attempt(kind: AttemptKind, ctx: AttemptCtx) -> Result<Success, AttemptError> {
+    let p = &ctx.profile;
+    // The reservation is on disk before the request leaves: a crash cannot lose a login.
+    ctx.shared.persist_logins(&p.unique_user_id, ctx.logins.clone()).await;
+    match kind {
+        AttemptKind::Signed(signed) => {
+            let login = ctx.clients.login(&signed, ctx.clock.now()).await.map_err(AttemptError::Http)?;
+            let received_at = ctx.clock.now();
+            let username = login.username.clone();
+            Ok(Success { login, username, received_at })
+        }
+        AttemptKind::Backend => {
+            if !ctx.clients.has_backend() {
+                return Err(AttemptError::NotConfigured);
+            }
+            let credential = match &p.credential {
+                Credential::None => None,
+                Credential::Inline(s) => Some(s.clone()),
+                Credential::Source(src) => Some(read_credential(src).map_err(AttemptError::Credential)?),
+            };
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let auth = crate::authreq::generate(ctx.clock.now(), &ctx.device_id);
+                let req = http::SignRequest {
+                    authorization_request: &auth,
+                    unique_user_id: &p.unique_user_id,
+                    email: &p.email,
+                    first_name: p.first_name.as_deref(),
+                    last_name: p.last_name.as_deref(),
+                    credential: credential.as_ref(),
+                };
+                let signed = match ctx.clients.sign(&req).await {
+                    None => return Err(AttemptError::NotConfigured),
+                    Some(r) => r.map_err(AttemptError::Http)?,
+                };
+                if signed.conflict {
+                    warn!("the backend reported a profile conflict (409); the request is still signed");
+                }
+                match ctx.clients.login(&signed.signed, ctx.clock.now()).await {
+                    Ok(login) => {
+                        let received_at = ctx.clock.now();
+                        return Ok(Success { login, username: Some(signed.username), received_at });
+                    }
+                    Err(f) if f.kind == FailureKind::Unauthorized && tries < 2 => {
+                        warn!("Entrupy rejected the signed request (401); trying once more with a fresh one");
+                    }
+                    Err(f) => return Err(AttemptError::Http(f)),
+                }
+            }
+        }
+    }
+}
+
+/// Reads a credential file: trimmed, non-empty, and still private.
+fn read_credential(src: &CredentialSource) -> Result<Secret, String> {
+    let path = crate::config::check_credential_file(src)?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("cannot read credential file {}: {e}", path.display()))?;
+    let t = text.trim();
+    if t.is_empty() {
+        return Err(format!("credential file {} is empty", path.display()));
+    }
+    Ok(Secret::new(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> Params {
+        Params {
+            margin: 10.0,
+            jitter: 2.0,
+            backoff_initial: 2.0,
+            backoff_max: 60.0,
+            budget: Budget { per_minute: 5, per_day: 100 },
+        }
+    }
+
+    fn logged_in(now: f64) -> Core {
+        let mut c = Core::new(params(), true);
+        c.token = Some(Secret::new("t"));
+        c.apply(&Outcome::Success { expires_at: now + 100.0, received_at: now }, false, now, 0.0);
+        c
+    }
+
+    #[test]
+    fn fresh_session_is_due_at_once_and_states_follow() {
+        let c = Core::new(params(), true);
+        assert_eq!(c.state(0.0), State::Expired);
+        assert_eq!(c.due_at(None), Some(f64::NEG_INFINITY));
+        let c = Core::new(params(), false);
+        assert_eq!(c.state(0.0), State::LoggedOut);
+        assert_eq!(c.due_at(None), None);
+        let c = logged_in(1000.0);
+        assert_eq!(c.state(1000.0), State::Valid);
+        assert_eq!(c.due_at(None), Some(1090.0));
+        assert_eq!(c.state(1100.0), State::Expired);
+        assert_eq!(c.next_wake(None), Some(1090.0));
+    }
+
+    #[test]
+    fn budget_and_retry_after_push_the_due_time() {
+        let mut c = logged_in(1000.0);
+        assert_eq!(c.due_at(Some(1095.0)), Some(1095.0));
+        c.not_before = Some(1200.0);
+        assert_eq!(c.due_at(None), Some(1200.0));
+        assert_eq!(c.client_may_attempt(None, 1100.0, true).unwrap_err().name, ErrorName::TooManyRequests);
+        assert!(c.client_may_attempt(None, 1200.0, true).is_ok());
+        assert_eq!(c.client_may_attempt(Some(1300.0), 1200.0, true).unwrap_err().name, ErrorName::TooManyRequests);
+        let c = Core::new(params(), false);
+        assert_eq!(c.client_may_attempt(None, 0.0, true).unwrap_err().name, ErrorName::NotConfigured);
+        assert!(c.client_may_attempt(None, 0.0, false).is_ok());
+    }
+
+    #[test]
+    fn outcomes_table() {
+        // Automatic transient failure: backoff grows.
+        let mut c = logged_in(1000.0);
+        c.apply(&Outcome::Transient, false, 1090.0, 0.5);
+        assert_eq!(c.retry_at, Some(1091.0));
+        c.apply(&Outcome::Transient, false, 1091.0, 0.5);
+        assert_eq!(c.retry_at, Some(1093.0));
+        assert_eq!(c.backoff_attempt, 2);
+        // Success resets the backoff.
+        c.apply(&Outcome::Success { expires_at: 1200.0, received_at: 1100.0 }, false, 1100.0, 0.0);
+        assert_eq!((c.retry_at, c.backoff_attempt), (None, 0));
+        assert_eq!(c.refresh_at, Some(1190.0));
+
+        // A client's failed attempt leaves the schedule as it was...
+        let mut c = logged_in(1000.0);
+        c.apply(&Outcome::Transient, true, 1010.0, 0.5);
+        assert_eq!((c.retry_at, c.refresh_at), (None, Some(1090.0)));
+        // ...unless the session was already retrying.
+        c.apply(&Outcome::Transient, false, 1090.0, 0.5);
+        c.apply(&Outcome::Transient, true, 1091.0, 0.5);
+        assert_eq!(c.backoff_attempt, 2);
+
+        // 429 holds the next attempt.
+        let mut c = logged_in(1000.0);
+        c.apply(&Outcome::RateLimited(Some(30.0)), false, 1090.0, 0.0);
+        assert_eq!(c.not_before, Some(1120.0));
+        assert_eq!(c.due_at(None), Some(1120.0));
+
+        // 401/403 from the backend: needs re-authorization, once.
+        let mut c = logged_in(1000.0);
+        assert!(c.apply(&Outcome::Reauthorize, false, 1090.0, 0.0));
+        assert!(!c.apply(&Outcome::Reauthorize, true, 1091.0, 0.0));
+        assert_eq!(c.state(1091.0), State::NeedsReauthorization);
+        assert_eq!(c.due_at(None), None);
+        c.unblock();
+        assert_eq!(c.state(1091.0), State::Valid);
+
+        // Permanent: failed, no retry.
+        let mut c = logged_in(1000.0);
+        c.apply(&Outcome::Permanent, false, 1090.0, 0.0);
+        assert_eq!(c.state(1090.0), State::Failed);
+        assert_eq!(c.due_at(None), None);
+
+        // Cleanup stops everything.
+        let mut c = logged_in(1000.0);
+        c.cleanup();
+        assert_eq!(c.state(1000.0), State::LoggedOut);
+        assert_eq!((c.expires_at, c.due_at(None)), (None, None));
+        assert_eq!(c.refresh_at_property(None, 1000.0), 0.0);
+    }
+
+    #[test]
+    fn restore_refreshes_only_past_the_refresh_point() {
+        let rec = SessionRecord {
+            token: Some(Secret::new("t")),
+            expires_at: Some(1100.0),
+            last_login_at: Some(1000.0),
+            refresh_at: Some(1089.0),
+            ..Default::default()
+        };
+        let c = Core::restore(params(), true, &rec, 1050.0);
+        assert_eq!(c.due_at(None), Some(1089.0));
+        assert_eq!(c.state(1050.0), State::Valid);
+        let c = Core::restore(params(), true, &rec, 1095.0);
+        assert!(c.due_at(None).unwrap() <= 1095.0);
+        let out = SessionRecord { logged_out: true, ..rec };
+        let c = Core::restore(params(), true, &out, 1050.0);
+        assert_eq!(c.state(1050.0), State::LoggedOut);
+        assert_eq!(c.due_at(None), None);
+    }
+}
