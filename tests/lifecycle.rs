@@ -1,0 +1,332 @@
+//! The token lifecycle end to end: a real daemon on a private bus, over real HTTP against the
+//! simulator. First login, proactive refresh cycles, restarts, Cleanup, EnsureValid, shared
+//! attempts, LoginWithSignedRequest, signals and property changes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+
+const T: Duration = Duration::from_secs(20);
+
+async fn wait_state(env: &Env, id: &str, state: &str) {
+    let s = env.session(id).await;
+    let ok = eventually(T, || {
+        let s = s.clone();
+        async move { s.state().await.map(|v| v == state).unwrap_or(false) }
+    })
+    .await;
+    assert!(ok, "session {id} never reached {state}; it is {:?}", s.state().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_login_serves_a_valid_token_with_the_wire_format_of_the_spec() {
+    let env = Env::with_lifetime(Duration::from_secs(120)).await;
+    env.write_config(&Cfg { margin: "30s", ..Default::default() });
+    let _d = env.start_daemon().await;
+    wait_state(&env, "default", "valid").await;
+    let s = env.session("default").await;
+    assert!(s.is_authorization_valid().await.unwrap());
+    assert!(s.valid().await.unwrap());
+    let (token, exp) = s.get_token().await.unwrap();
+    assert!(env.sim.token_is_valid(&token), "the daemon serves the token the simulator issued");
+    let sim_exp = env.sim.token_expiration(&token).unwrap();
+    assert_eq!(exp, sim_exp.floor() as u64, "expires_at is rounded down");
+    assert_eq!(s.expires_at().await.unwrap(), exp);
+    assert_eq!(s.username().await.unwrap(), "OrgName-user-0001-abcd");
+    assert_eq!(s.unique_user_id().await.unwrap(), "user-0001-abcd");
+    assert_eq!(s.id().await.unwrap(), "default");
+    assert_eq!(s.last_error().await.unwrap(), "");
+    let last_login = s.last_login_at().await.unwrap() as f64;
+    assert!((now() - last_login).abs() < 30.0);
+    let refresh_at = s.refresh_at().await.unwrap();
+    assert!(refresh_at + 1 >= exp - 30 && refresh_at <= exp, "refresh_at {refresh_at} for exp {exp}");
+
+    let reqs = env.sim.requests();
+    let sign = reqs.iter().find(|r| r.endpoint == Some(Endpoint::Sign)).unwrap();
+    let login = reqs.iter().find(|r| r.endpoint == Some(Endpoint::Login)).unwrap();
+    let ua = format!("entrupy-tokend/{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(sign.user_agent.as_deref(), Some(ua.as_str()));
+    assert_eq!(login.user_agent.as_deref(), Some(ua.as_str()));
+    assert_eq!(sign.authorization.as_deref(), Some("Bearer app-user-credential-1"));
+    assert_eq!(sign.content_type.as_deref(), Some("application/json"));
+    assert_eq!(login.content_type.as_deref(), Some("application/json"));
+    let sb: serde_json::Value = serde_json::from_str(&sign.body).unwrap();
+    assert_eq!(sb["unique_user_id"], "user-0001-abcd");
+    assert_eq!(sb["email"], "user@example.com");
+    let lb: serde_json::Value = serde_json::from_str(&login.body).unwrap();
+    assert_eq!(lb.as_object().unwrap().len(), 1, "login body is exactly the signed request: {lb}");
+    assert!(lb["signed_authorization_request"].is_string());
+    let logins = env.sim.logins();
+    assert_eq!(logins.len(), 1);
+    assert_eq!(logins[0].device_id.len(), 32);
+    assert_eq!(env.sim.counters().login_ok, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proactive_refresh_keeps_the_token_valid_with_one_login_per_cycle() {
+    let env = Env::with_lifetime(Duration::from_secs(4)).await;
+    env.write_config(&Cfg { margin: "2s", jitter: "0s", ..Default::default() });
+    let d = env.start_daemon().await;
+    wait_state(&env, "default", "valid").await;
+    let s = env.session("default").await;
+    let start = std::time::Instant::now();
+    let mut invalid_seen = 0;
+    while start.elapsed() < Duration::from_secs(9) {
+        if !s.is_authorization_valid().await.unwrap() {
+            invalid_seen += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(invalid_seen, 0, "the token was never invalid in between; log:\n{}", d.log.text());
+    let logins = env.sim.logins();
+    assert!(logins.len() >= 4, "at least three proactive refreshes in 9 s, got {}", logins.len());
+    for pair in logins.windows(2) {
+        let gap = pair[1].at.duration_since(pair[0].at).unwrap().as_secs_f64();
+        assert!(gap > 1.2, "two logins {gap:.2} s apart: more than one login per cycle");
+    }
+    assert_eq!(env.sim.counters().login_rejected, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_costs_no_login_and_keeps_the_token() {
+    let env = Env::with_lifetime(Duration::from_secs(300)).await;
+    env.write_config(&Cfg { margin: "30s", ..Default::default() });
+    let mut d = env.start_daemon().await;
+    wait_state(&env, "default", "valid").await;
+    let (token, exp) = env.session("default").await.get_token().await.unwrap();
+    assert!(d.stop().success(), "SIGTERM exits 0");
+    let mode = std::fs::metadata(env.state_dir().join("sessions/default.json")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
+    let d2 = env.start_daemon().await;
+    let s = env.session("default").await;
+    assert_eq!(s.get_token().await.unwrap(), (token, exp));
+    assert_eq!(s.state().await.unwrap(), "valid");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.sim.counters().login_requests, 1, "no login after the restart; log:\n{}", d2.log.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_token_past_its_refresh_point_is_refreshed_at_start() {
+    let env = Env::with_lifetime(Duration::from_secs(6)).await;
+    env.write_config(&Cfg { margin: "5s", ..Default::default() });
+    let mut d = env.start_daemon().await;
+    wait_state(&env, "default", "valid").await;
+    d.stop();
+    // Lifetime 6 s < 2 × margin: the refresh point is 3 s after login.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let _d2 = env.start_daemon().await;
+    let ok = eventually(T, || async { env.sim.counters().login_ok == 2 }).await;
+    assert!(ok, "the stored token was refreshed at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_refreshes_share_one_login() {
+    let env = Env::with_lifetime(Duration::from_secs(300)).await;
+    env.write_config(&Cfg { margin: "30s", ..Default::default() });
+    let _d = env.start_daemon().await;
+    wait_state(&env, "default", "valid").await;
+    assert_eq!(env.sim.counters().login_ok, 1);
+    // Hold the signing request so all callers arrive while the attempt is under way.
+    env.sim.push_fault(Endpoint::Sign, Fault::Delay { ms: 800 }, 1);
+    let s = env.session("default").await;
+    let calls = (0..100).map(|_| {
+        let s = s.clone();
+        async move { s.refresh().await }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let first = results[0].as_ref().unwrap();
+    for r in &results {
+        assert_eq!(r.as_ref().unwrap(), first, "every caller gets the one attempt's expiry");
+    }
+    assert_eq!(env.sim.counters().login_ok, 2, "100 concurrent Refresh calls, one login");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_valid_refreshes_only_when_needed() {
+    let env = Env::with_lifetime(Duration::from_secs(60)).await;
+    env.write_config(&Cfg { margin: "5s", ..Default::default() });
+    let _d = env.start_daemon().await;
+    wait_state(&env, "default", "valid").await;
+    let s = env.session("default").await;
+    let (t1, e1) = s.ensure_valid(10).await.unwrap();
+    assert_eq!(env.sim.counters().login_ok, 1, "enough time left: no login");
+    // More than any token covers: one refresh, and the fresh token comes back as it is.
+    let (t2, e2) = s.ensure_valid(3600).await.unwrap();
+    assert_ne!(t1, t2);
+    assert!(e2 >= e1);
+    assert_eq!(env.sim.counters().login_ok, 2, "at most one refresh");
+    let many = (0..200).map(|_| {
+        let s = s.clone();
+        async move { s.ensure_valid(30).await.unwrap() }
+    });
+    futures_util::future::join_all(many).await;
+    assert_eq!(env.sim.counters().login_ok, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_drops_the_token_and_survives_a_restart() {
+    let env = Env::with_lifetime(Duration::from_secs(300)).await;
+    env.write_config(&Cfg { margin: "30s", ..Default::default() });
+    let mut d = env.start_daemon().await;
+    wait_state(&env, "default", "valid").await;
+    let s = env.session("default").await;
+    s.cleanup().await.unwrap();
+    assert_eq!(s.state().await.unwrap(), "logged-out");
+    assert!(!s.valid().await.unwrap());
+    assert_eq!(s.expires_at().await.unwrap(), 0);
+    assert_eq!(s.refresh_at().await.unwrap(), 0);
+    assert_eq!(err_name(s.get_token().await), "NotAuthorized");
+    d.stop();
+    let _d2 = env.start_daemon().await;
+    let s = env.session("default").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.state().await.unwrap(), "logged-out", "Cleanup is persisted");
+    assert_eq!(env.sim.counters().login_ok, 1);
+    let exp = s.refresh().await.unwrap();
+    assert!(exp > 0);
+    assert_eq!(s.state().await.unwrap(), "valid");
+    assert_eq!(env.sim.counters().login_ok, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_backend_only_signed_requests_log_in() {
+    let env = Env::with_lifetime(Duration::from_secs(2)).await;
+    env.write_config(&Cfg { backend: false, ..Default::default() });
+    let _d = env.start_daemon().await;
+    let s = env.session("default").await;
+    assert_eq!(s.state().await.unwrap(), "logged-out");
+    let mut failed = s.receive_login_failed().await.unwrap();
+    assert_eq!(err_name(s.refresh().await), "NotConfigured");
+    assert_eq!(err_name(s.ensure_valid(1).await), "NotConfigured");
+    assert_eq!(s.last_error().await.unwrap(), "", "NotConfigured is not a login attempt");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), failed.next()).await.is_err(),
+        "no LoginFailed for NotConfigured"
+    );
+
+    let request = s.generate_authorization_request().await.unwrap();
+    let signed = env.sim.sign_directly(&request, "user-0001-abcd", "user@example.com");
+    let mut succeeded = s.receive_login_succeeded().await.unwrap();
+    let mut expired = s.receive_authorization_expired().await.unwrap();
+    let exp = s.login_with_signed_request(&signed).await.unwrap();
+    let sig = tokio::time::timeout(T, succeeded.next()).await.unwrap().unwrap();
+    assert_eq!(sig.args().unwrap().expires_at, exp);
+    assert!(s.is_authorization_valid().await.unwrap());
+    assert_eq!(s.refresh_at().await.unwrap(), 0, "nothing can refresh without a backend");
+    // The same signed request again is a replay: Entrupy's 401 goes back to the caller.
+    assert_eq!(err_name(s.login_with_signed_request(&signed).await), "Unauthorized");
+    let f = tokio::time::timeout(T, failed.next()).await.unwrap().unwrap();
+    assert!(!f.args().unwrap().error_code.is_empty());
+    assert!(s.is_authorization_valid().await.unwrap(), "a failed login keeps a valid token");
+    // Valid turns false on time, with AuthorizationExpired, though nothing else happens.
+    tokio::time::timeout(Duration::from_secs(10), expired.next()).await.expect("AuthorizationExpired").unwrap();
+    let late = now() - exp as f64;
+    assert!(late < 2.5, "expired {late:.2} s after the (rounded-down) expiry");
+    assert!(!s.valid().await.unwrap());
+    assert_eq!(s.expires_at().await.unwrap(), exp, "ExpiresAt keeps the old expiry");
+    assert_eq!(err_name(s.get_token().await), "NotAuthorized");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_changed_and_signals_follow_a_refresh() {
+    let env = Env::with_lifetime(Duration::from_secs(300)).await;
+    env.write_config(&Cfg { margin: "30s", ..Default::default() });
+    let _d = env.start_daemon().await;
+    wait_state(&env, "default", "valid").await;
+    let s = env.session("default").await;
+    let props = zbus::fdo::PropertiesProxy::builder(&env.conn)
+        .destination(entrupy_tokend::names::BUS_NAME)
+        .unwrap()
+        .path(entrupy_tokend::names::session_path("default"))
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let mut changes = props.receive_properties_changed().await.unwrap();
+    let mut succeeded = s.receive_login_succeeded().await.unwrap();
+    let old = s.expires_at().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let exp = s.refresh().await.unwrap();
+    assert!(exp > old);
+    let sig = tokio::time::timeout(T, succeeded.next()).await.unwrap().unwrap();
+    assert_eq!(sig.args().unwrap().expires_at, exp);
+    let mut seen: std::collections::HashMap<String, zbus::zvariant::OwnedValue> = std::collections::HashMap::new();
+    while !seen.contains_key("ExpiresAt") {
+        let c = tokio::time::timeout(T, changes.next()).await.expect("PropertiesChanged").unwrap();
+        let args = c.args().unwrap();
+        assert_eq!(args.interface_name.as_str(), "com.entrupy.TokenDaemon1.Session");
+        for (k, v) in args.changed_properties.iter() {
+            seen.insert(k.to_string(), zbus::zvariant::OwnedValue::try_from(v.try_clone().unwrap()).unwrap());
+        }
+    }
+    assert_eq!(u64::try_from(&seen["ExpiresAt"]).unwrap(), exp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manager_adds_lists_and_removes_sessions() {
+    let env = Env::with_lifetime(Duration::from_secs(300)).await;
+    env.write_config(&Cfg { margin: "30s", ..Default::default() });
+    let mut d = env.start_daemon().await;
+    let m = env.manager().await;
+    assert_eq!(m.version().await.unwrap(), env!("CARGO_PKG_VERSION"));
+    let list = m.list_sessions().await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].as_str(), "/com/entrupy/TokenDaemon1/session/default");
+    assert_eq!(err_name(m.get_session("nope").await), "NoSuchSession");
+    use std::collections::HashMap;
+    use zbus::zvariant::Value;
+    let om = zbus::fdo::ObjectManagerProxy::builder(&env.conn)
+        .destination(entrupy_tokend::names::BUS_NAME)
+        .unwrap()
+        .path(entrupy_tokend::names::MANAGER_PATH)
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let mut added = om.receive_interfaces_added().await.unwrap();
+    let mut removed = om.receive_interfaces_removed().await.unwrap();
+    let profile = |uid: &'static str| {
+        let mut p: HashMap<&str, Value<'_>> = HashMap::new();
+        p.insert("unique_user_id", Value::from(uid));
+        p.insert("email", Value::from("second@example.com"));
+        p.insert("first_name", Value::from("Grace"));
+        p
+    };
+    let path = m.add_session("my-id", profile("user-0002-abcd")).await.unwrap();
+    assert_eq!(path.as_str(), "/com/entrupy/TokenDaemon1/session/my_2did");
+    let a = tokio::time::timeout(T, added.next()).await.unwrap().unwrap();
+    assert_eq!(a.args().unwrap().object_path.as_str(), path.as_str());
+    assert_eq!(err_name(m.add_session("my-id", profile("user-0002-abcd")).await), "AlreadyExists");
+    assert_eq!(err_name(m.add_session("Bad Id", profile("user-0002-abcd")).await), "InvalidArgument");
+    assert_eq!(err_name(m.add_session("x", profile("short")).await), "InvalidArgument");
+    let mut bad = profile("user-0002-abcd");
+    bad.insert("colour", Value::from("red"));
+    assert_eq!(err_name(m.add_session("x", bad).await), "InvalidArgument");
+    let mut bad = profile("user-0002-abcd");
+    bad.insert("email", Value::from(5u32));
+    assert_eq!(err_name(m.add_session("x", bad).await), "InvalidArgument");
+    let mut bad = profile("user-0002-abcd");
+    bad.remove("email");
+    assert_eq!(err_name(m.add_session("x", bad).await), "InvalidArgument");
+    assert_eq!(m.list_sessions().await.unwrap().len(), 2, "failed adds change nothing");
+    assert_eq!(m.get_session("my-id").await.unwrap().as_str(), path.as_str());
+    wait_state(&env, "my-id", "valid").await;
+
+    // Persisted: it comes back after a restart.
+    d.stop();
+    let mut d = env.start_daemon().await;
+    assert_eq!(m.list_sessions().await.unwrap().len(), 2);
+    wait_state(&env, "my-id", "valid").await;
+    m.remove_session("my-id").await.unwrap();
+    let r = tokio::time::timeout(T, removed.next()).await.unwrap().unwrap();
+    assert_eq!(r.args().unwrap().object_path.as_str(), path.as_str());
+    assert_eq!(err_name(m.remove_session("my-id").await), "NoSuchSession");
+    assert_eq!(m.list_sessions().await.unwrap().len(), 1);
+    d.stop();
+    let _d = env.start_daemon().await;
+    assert_eq!(m.list_sessions().await.unwrap().len(), 1, "RemoveSession forgets the session");
+}
