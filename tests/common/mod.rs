@@ -187,7 +187,11 @@ impl Env {
 
     /// Renders and writes `config.toml`.
     pub fn write_config(&self, c: &Cfg) -> PathBuf {
-        let mut t = format!("state_dir = {:?}\n\n[entrupy]\napi_url = {:?}\n\n", self.state_dir().display().to_string(), self.sim.api_url());
+        let mut t = format!(
+            "state_dir = {:?}\n\n[entrupy]\napi_url = {:?}\n\n",
+            self.state_dir().display().to_string(),
+            self.sim.api_url()
+        );
         if c.backend {
             t.push_str(&format!("[backend]\nurl = {:?}\ntimeout = {:?}\n", self.sim.backend_url(), c.timeout));
             if let Some(cred) = c.credential {
