@@ -25,13 +25,18 @@ use crate::session::{SessionEvent, SessionHandle, Snapshot};
 /// Longest string accepted from a D-Bus caller (a signed request can be long; 64 KiB).
 pub const MAX_ARG_BYTES: usize = 64 * 1024;
 
-/// Decides whether a caller may use the methods: only the daemon's own Unix user.
+/// Decides whether a caller may use the methods: only the daemon's own Unix user, and for
+/// `GetToken`/`EnsureValid` only the allowed executables when an allow-list is configured.
 #[derive(Debug)]
 pub struct Access {
     /// The daemon's effective uid.
     my_uid: u32,
     /// Unique bus name → uid; unique names are never reused, so entries stay true.
     cache: Mutex<HashMap<String, u32>>,
+    /// Unique bus name → the caller's executable, for the allow-list.
+    exes: Mutex<HashMap<String, Option<std::path::PathBuf>>>,
+    /// `[access] token_executables`; `None` lets any program of the user read tokens.
+    token_executables: std::sync::RwLock<Option<Vec<std::path::PathBuf>>>,
 }
 
 /// Whether a caller with `caller_uid` may call a daemon running as `my_uid`.
@@ -42,7 +47,46 @@ pub fn caller_allowed(caller_uid: u32, my_uid: u32) -> bool {
 impl Access {
     /// For the current process's user.
     pub fn new() -> Self {
-        Access { my_uid: rustix::process::geteuid().as_raw(), cache: Mutex::new(HashMap::new()) }
+        Access {
+            my_uid: rustix::process::geteuid().as_raw(),
+            cache: Mutex::new(HashMap::new()),
+            exes: Mutex::new(HashMap::new()),
+            token_executables: std::sync::RwLock::new(None),
+        }
+    }
+
+    /// Sets the token allow-list (from the config, at start and on reload).
+    pub fn set_token_executables(&self, list: Option<Vec<std::path::PathBuf>>) {
+        *self.token_executables.write().unwrap_or_else(|e| e.into_inner()) = list;
+    }
+
+    /// [`Access::check`], plus the allow-list for methods that hand out tokens.
+    pub async fn check_token(&self, conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> {
+        self.check(conn, hdr).await?;
+        let allowed = self.token_executables.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let (Some(allowed), Some(sender)) = (allowed, hdr.sender()) else { return Ok(()) };
+        let cached = self.exes.lock().unwrap_or_else(|e| e.into_inner()).get(sender.as_str()).cloned();
+        let exe = match cached {
+            Some(e) => e,
+            None => {
+                let proxy = zbus::fdo::DBusProxy::new(conn).await?;
+                let pid = proxy.get_connection_unix_process_id(zbus::names::BusName::Unique(sender.clone())).await.ok();
+                let exe = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok());
+                let mut exes = self.exes.lock().unwrap_or_else(|e| e.into_inner());
+                if exes.len() > 4096 {
+                    exes.clear();
+                }
+                exes.insert(sender.to_string(), exe.clone());
+                exe
+            }
+        };
+        match exe {
+            Some(e) if allowed.iter().any(|a| a == &e) => Ok(()),
+            Some(e) => {
+                Err(Error::AccessDenied(format!("{} may not read tokens ([access] token_executables)", e.display())))
+            }
+            None => Err(Error::AccessDenied("cannot determine the caller's executable".into())),
+        }
     }
 
     /// Checks the sender of `hdr`, asking the bus for its uid once per connection.
@@ -277,7 +321,7 @@ impl SessionObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(String, u64), Error> {
-        self.access.check(conn, &hdr).await?;
+        self.access.check_token(conn, &hdr).await?;
         let (t, e) = self.handle.get_token()?;
         Ok((t.expose().to_owned(), secs(e)))
     }
@@ -289,7 +333,7 @@ impl SessionObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(String, u64), Error> {
-        self.access.check(conn, &hdr).await?;
+        self.access.check_token(conn, &hdr).await?;
         let (t, e) = self.handle.ensure_valid(min_seconds).await?;
         Ok((t.expose().to_owned(), secs(e)))
     }
@@ -427,6 +471,67 @@ fn property_values(s: &Snapshot) -> Vec<(&'static str, Value<'static>)> {
     ]
 }
 
+/// Desktop notifications through `org.freedesktop.Notifications` when a session cannot
+/// re-authorize by itself, as GNOME Online Accounts does. One per entry into
+/// `needs-reauthorization` (the signal is emitted once per entry); a later one for the same
+/// session replaces the earlier. Harmless without a notification server.
+#[derive(Debug)]
+pub struct Notifier {
+    conn: Connection,
+    enabled: std::sync::atomic::AtomicBool,
+    /// Session id → notification id, so a new notification replaces the old one.
+    ids: Mutex<HashMap<String, u32>>,
+}
+
+impl Notifier {
+    /// A notifier on the session bus `conn`.
+    pub fn new(conn: Connection, enabled: bool) -> Self {
+        Notifier { conn, enabled: std::sync::atomic::AtomicBool::new(enabled), ids: Mutex::new(HashMap::new()) }
+    }
+
+    /// Turns notifications on or off (`[notify] enabled`, also on reload).
+    pub fn set_enabled(&self, enabled: bool) {
+        self.enabled.store(enabled, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Tells the user that `session` needs re-authorization.
+    pub async fn reauthorization_required(&self, session: &str) {
+        if !self.enabled.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let replaces = self.ids.lock().unwrap_or_else(|e| e.into_inner()).get(session).copied().unwrap_or(0);
+        let hints: HashMap<&str, Value<'_>> = HashMap::from([("urgency", Value::U8(1))]);
+        let body = format!(
+            "Entrupy sign-in for session \u{201c}{session}\u{201d} was rejected by the app's backend. Sign in again in the app."
+        );
+        let reply = self
+            .conn
+            .call_method(
+                Some("org.freedesktop.Notifications"),
+                "/org/freedesktop/Notifications",
+                Some("org.freedesktop.Notifications"),
+                "Notify",
+                &(
+                    "entrupy-tokend",
+                    replaces,
+                    "dialog-password",
+                    "Entrupy sign-in needed",
+                    body,
+                    Vec::<&str>::new(),
+                    hints,
+                    -1i32,
+                ),
+            )
+            .await;
+        match reply.and_then(|m| m.body().deserialize::<u32>()) {
+            Ok(id) => {
+                self.ids.lock().unwrap_or_else(|e| e.into_inner()).insert(session.to_owned(), id);
+            }
+            Err(e) => tracing::debug!(error = %e, "no desktop notification (no notification server?)"),
+        }
+    }
+}
+
 /// Emits a session's `PropertiesChanged` and signals until `cancel` fires or the session
 /// ends.
 pub async fn publish(
@@ -434,8 +539,10 @@ pub async fn publish(
     path: OwnedObjectPath,
     mut snapshots: watch::Receiver<Snapshot>,
     mut events: broadcast::Receiver<SessionEvent>,
+    notifier: Option<Arc<Notifier>>,
     cancel: CancellationToken,
 ) {
+    let session_id = snapshots.borrow().id.clone();
     let emitter = SignalEmitter::from_parts(conn, path.into());
     let mut last = property_values(&snapshots.borrow_and_update());
     loop {
@@ -466,7 +573,13 @@ pub async fn publish(
                     Ok(SessionEvent::LoginSucceeded(exp)) => SessionObject::login_succeeded(&emitter, secs(exp)).await,
                     Ok(SessionEvent::LoginFailed(code, desc)) => SessionObject::login_failed(&emitter, &code, &desc).await,
                     Ok(SessionEvent::AuthorizationExpired) => SessionObject::authorization_expired(&emitter).await,
-                    Ok(SessionEvent::ReauthorizationRequired) => SessionObject::reauthorization_required(&emitter).await,
+                    Ok(SessionEvent::ReauthorizationRequired) => {
+                        if let Some(n) = notifier.clone() {
+                            let id = session_id.clone();
+                            tokio::spawn(async move { n.reauthorization_required(&id).await });
+                        }
+                        SessionObject::reauthorization_required(&emitter).await
+                    }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "signal publisher fell behind");
                         Ok(())

@@ -116,6 +116,14 @@ pub struct NotifyConfig {
     pub enabled: bool,
 }
 
+/// The `[access]` table: which programs may read tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AccessConfig {
+    /// When set, only these executables (absolute paths, as `/proc/PID/exe` shows them) may
+    /// call `GetToken` and `EnsureValid`; other methods stay open to the user's programs.
+    pub token_executables: Option<Vec<PathBuf>>,
+}
+
 /// One configured session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -150,6 +158,8 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     /// Desktop notifications.
     pub notify: NotifyConfig,
+    /// Token access allow-list.
+    pub access: AccessConfig,
     /// Configured sessions, in file order, ids unique.
     pub sessions: Vec<SessionConfig>,
 }
@@ -171,8 +181,15 @@ struct RawConfig {
     refresh: Option<RawRefresh>,
     rate_limit: Option<RawRateLimit>,
     notify: Option<RawNotify>,
+    access: Option<RawAccess>,
     #[serde(default)]
     session: Vec<Spanned<RawSession>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    token_executables: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -481,6 +498,24 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
 
     let notify = NotifyConfig { enabled: raw.notify.as_ref().and_then(|n| n.enabled).unwrap_or(true) };
 
+    let access = match raw.access.as_ref().and_then(|a| a.token_executables.as_ref()) {
+        None => AccessConfig::default(),
+        Some(list) => {
+            let mut out = Vec::new();
+            for p in list.get_ref() {
+                if !p.starts_with('/') {
+                    return Err(ctx.err_at(
+                        "access.token_executables",
+                        Some(list.span()),
+                        format!("{p:?} is not an absolute path"),
+                    ));
+                }
+                out.push(PathBuf::from(p));
+            }
+            AccessConfig { token_executables: Some(out) }
+        }
+    };
+
     let mut sessions: Vec<SessionConfig> = Vec::with_capacity(raw.session.len());
     for (i, s) in raw.session.iter().enumerate() {
         let span = s.span();
@@ -528,6 +563,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         refresh: RefreshConfig { margin, jitter, check_schedule, backoff_initial, backoff_max },
         rate_limit,
         notify,
+        access,
         sessions,
     })
 }
@@ -724,6 +760,16 @@ email = "other@example.com"
         assert_eq!(c.rate_limit, RateLimitConfig { logins_per_minute: 5, logins_per_day: 100 });
         assert!(c.sessions.is_empty());
         assert!(c.notify.enabled);
+        assert_eq!(c.access.token_executables, None);
+    }
+
+    #[test]
+    fn access_and_notify_tables() {
+        let c = parse("[notify]\nenabled = false\n[access]\ntoken_executables = [\"/usr/bin/app\"]\n", "x").unwrap();
+        assert!(!c.notify.enabled);
+        assert_eq!(c.access.token_executables, Some(vec![PathBuf::from("/usr/bin/app")]));
+        let e = err("[access]\ntoken_executables = [\"app\"]\n");
+        assert_eq!(e.key.as_deref(), Some("access.token_executables"));
     }
 
     #[test]

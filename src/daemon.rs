@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use zbus::Connection;
 
-use crate::bus::{Access, ManagerObject, ProfileArgs, Registry, SessionObject};
+use crate::bus::{Access, ManagerObject, Notifier, ProfileArgs, Registry, SessionObject};
 use crate::clock::{Clock, until};
 use crate::config::{self, Config, ConfigLocation};
 use crate::error::{ApiError, ErrorName};
@@ -20,6 +20,7 @@ use crate::http::{self, Clients};
 use crate::names;
 use crate::session::{self, Credential, Params, Profile, SessionHandle, Settings, Shared};
 use crate::store::{SessionRecord, Store, StoredProfile};
+use crate::watch::{Outside, SystemBus};
 
 /// Most sessions one daemon serves; `AddSession` beyond it is refused.
 pub const MAX_SESSIONS: usize = 20_000;
@@ -65,6 +66,7 @@ struct Inner {
 pub struct Daemon {
     shared: Arc<Shared>,
     access: Arc<Access>,
+    notifier: Arc<Notifier>,
     conn: Connection,
     inner: tokio::sync::Mutex<Inner>,
 }
@@ -131,7 +133,14 @@ impl Daemon {
         self.conn.object_server().at(path.as_str(), obj).await?;
         let cancel = CancellationToken::new();
         let opath = zbus::zvariant::OwnedObjectPath::try_from(path).map_err(zbus::Error::from)?;
-        tokio::spawn(crate::bus::publish(self.conn.clone(), opath, handle.watch(), events, cancel.clone()));
+        tokio::spawn(crate::bus::publish(
+            self.conn.clone(),
+            opath,
+            handle.watch(),
+            events,
+            Some(self.notifier.clone()),
+            cancel.clone(),
+        ));
         Ok(cancel)
     }
 
@@ -208,6 +217,8 @@ impl Daemon {
                 return;
             }
         }
+        self.access.set_token_executables(config.access.token_executables.clone());
+        self.notifier.set_enabled(config.notify.enabled);
         inner.config = config;
         let wanted: BTreeMap<String, config::SessionConfig> =
             inner.config.sessions.iter().map(|s| (s.id.clone(), s.clone())).collect();
@@ -357,18 +368,40 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
     let _ = sd_notify::notify(false, states);
 }
 
-/// What the main loop is told from outside.
+/// What the main loop is told from outside, and what it runs on.
 #[derive(Debug)]
 pub struct Controls {
     /// Fires on SIGTERM/SIGINT.
     pub shutdown: CancellationToken,
     /// One message per SIGHUP.
     pub reload: mpsc::UnboundedReceiver<()>,
+    /// The wall clock (tests shift it to simulate suspend and clock changes).
+    pub clock: Clock,
+    /// The session bus address; `None` uses `$DBUS_SESSION_BUS_ADDRESS`.
+    pub session_bus: Option<String>,
+    /// The system bus to watch for resume and network signals.
+    pub system_bus: SystemBus,
+    /// Extra outside events (tests inject clock changes through it).
+    pub outside: Option<mpsc::UnboundedReceiver<Outside>>,
+}
+
+impl Controls {
+    /// The production controls: the system clock and the standard buses.
+    pub fn new(shutdown: CancellationToken, reload: mpsc::UnboundedReceiver<()>) -> Self {
+        Controls {
+            shutdown,
+            reload,
+            clock: Clock::system(),
+            session_bus: None,
+            system_bus: SystemBus::Default,
+            outside: None,
+        }
+    }
 }
 
 /// Runs the daemon until `controls.shutdown` fires.
 pub async fn run(location: ConfigLocation, config: Config, mut controls: Controls) -> Result<(), RunError> {
-    let clock = Clock::system();
+    let clock = controls.clock.clone();
     let store = open_store(&config);
     let (device_id, logins, records) = match store.clone() {
         Some(s) => tokio::task::spawn_blocking(move || {
@@ -398,15 +431,19 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
         clock: clock.clone(),
     });
 
-    let conn = zbus::connection::Builder::session()
-        .map_err(|e| RunError::Unavailable(format!("cannot reach the D-Bus session bus: {e}")))?
-        .build()
-        .await
-        .map_err(|e| RunError::Unavailable(format!("cannot reach the D-Bus session bus: {e}")))?;
+    let builder = match &controls.session_bus {
+        Some(addr) => zbus::connection::Builder::address(addr.as_str()),
+        None => zbus::connection::Builder::session(),
+    };
+    let unavailable = |e: zbus::Error| RunError::Unavailable(format!("cannot reach the D-Bus session bus: {e}"));
+    let conn = builder.map_err(unavailable)?.build().await.map_err(unavailable)?;
 
+    let access = Arc::new(Access::new());
+    access.set_token_executables(config.access.token_executables.clone());
     let daemon = Arc::new(Daemon {
         shared,
-        access: Arc::new(Access::new()),
+        access,
+        notifier: Arc::new(Notifier::new(conn.clone(), config.notify.enabled)),
         conn: conn.clone(),
         inner: tokio::sync::Mutex::new(Inner { config: config.clone(), clients, sessions: BTreeMap::new() }),
     });
@@ -460,6 +497,21 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
     info!(version = names::VERSION, name = names::BUS_NAME, %status, "ready");
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
 
+    let (outside_tx, mut outside_rx) = mpsc::unbounded_channel();
+    tokio::spawn(crate::watch::system_bus(controls.system_bus.clone(), outside_tx.clone()));
+    tokio::spawn(crate::watch::clock_changes(outside_tx.clone()));
+    if let Some(mut extra) = controls.outside.take() {
+        let tx = outside_tx.clone();
+        tokio::spawn(async move {
+            while let Some(e) = extra.recv().await {
+                if tx.send(e).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(outside_tx);
+
     let mut cron = config.schedule().map_err(RunError::Other)?;
     let mut watchdog_usec = 0u64;
     let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec)
@@ -491,6 +543,10 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
                 let status = daemon.status_line().await;
                 notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
             }
+            Some(event) = outside_rx.recv() => match event {
+                Outside::Resumed | Outside::ClockChanged => daemon.wake_all().await,
+                Outside::NetworkUp => daemon.network_up().await,
+            },
             _ = tokio::time::sleep(sleep) => {
                 if clock.now() + 0.5 >= next {
                     daemon.wake_all().await;

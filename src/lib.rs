@@ -17,3 +17,4 @@ pub mod schedule;
 pub mod secret;
 pub mod session;
 pub mod store;
+pub mod watch;

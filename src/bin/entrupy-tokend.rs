@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use entrupy_tokend::{config, daemon, logging};
 use tokio_util::sync::CancellationToken;
 
@@ -23,9 +23,48 @@ struct Cli {
     log_level: String,
 }
 
+/// Hidden flags for packagers, `--generate-man DIR` (writes entrupy-tokend.1) and
+/// `--generate-completions SHELL`. Parsed apart from [`Cli`] so that they stay out of the
+/// help, the man page and the completions.
+#[derive(Debug, Parser)]
+#[command(name = "entrupy-tokend")]
+struct Generate {
+    /// Write the man page into DIR.
+    #[arg(long, value_name = "DIR", exclusive = true)]
+    generate_man: Option<PathBuf>,
+    /// Print the completion script for SHELL.
+    #[arg(long, value_name = "SHELL", exclusive = true)]
+    generate_completions: Option<clap_complete::Shell>,
+}
+
+impl Generate {
+    /// Whether the command line asks for a generator.
+    fn requested() -> bool {
+        std::env::args_os().nth(1).is_some_and(|a| a.to_str().is_some_and(|a| a.starts_with("--generate-")))
+    }
+
+    fn run() -> ExitCode {
+        match Generate::try_parse() {
+            Ok(Generate { generate_man: Some(dir), .. }) => generate_man(&dir),
+            Ok(Generate { generate_completions: Some(shell), .. }) => {
+                clap_complete::generate(shell, &mut Cli::command(), "entrupy-tokend", &mut std::io::stdout());
+                ExitCode::SUCCESS
+            }
+            Ok(_) => ExitCode::from(1),
+            Err(e) => {
+                let _ = e.print();
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
 const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
+    if Generate::requested() {
+        return Generate::run();
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -64,7 +103,7 @@ fn main() -> ExitCode {
         let shutdown = CancellationToken::new();
         let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
         let signals = spawn_signal_handlers(shutdown.clone(), reload_tx)?;
-        let r = daemon::run(location, cfg, daemon::Controls { shutdown, reload: reload_rx }).await;
+        let r = daemon::run(location, cfg, daemon::Controls::new(shutdown, reload_rx)).await;
         signals.abort();
         r
     });
@@ -74,6 +113,73 @@ fn main() -> ExitCode {
             tracing::error!(error = %e, "entrupy-tokend stops");
             eprintln!("entrupy-tokend: {e}");
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}
+
+/// Sections of the man page that clap does not know.
+const MAN_EXTRA: &str = r#".SH "EXIT STATUS"
+.TP
+\fB0\fR
+clean shutdown (SIGTERM or SIGINT), or a valid configuration with \fB\-\-check\-config\fR
+.TP
+\fB1\fR
+any other error
+.TP
+\fB69\fR
+the session bus cannot be reached, or the name com.entrupy.TokenDaemon1 is owned by another instance
+.TP
+\fB78\fR
+invalid configuration; the message names the file, the key and, for syntax errors, line and column
+.SH SIGNALS
+SIGTERM and SIGINT stop the daemon cleanly; SIGHUP reloads the configuration.
+.SH ENVIRONMENT
+.TP
+\fBENTRUPY_TOKEND_CONFIG\fR
+config file when \fB\-\-config\fR is not given
+.TP
+\fBDBUS_SESSION_BUS_ADDRESS\fR
+the session bus
+.TP
+\fBSTATE_DIRECTORY\fR, \fBXDG_STATE_HOME\fR, \fBXDG_CONFIG_HOME\fR
+where state and config are looked for
+.TP
+\fBCREDENTIALS_DIRECTORY\fR
+where \fIcredential:NAME\fR paths are read from (systemd's LoadCredential=)
+.TP
+\fBRUST_LOG\fR
+log filter; wins over \fB\-\-log\-level\fR
+.TP
+\fBSSL_CERT_FILE\fR
+an extra CA bundle
+.SH FILES
+.TP
+\fI$XDG_CONFIG_HOME/entrupy\-tokend/config.toml\fR
+the default config file (an example is in /usr/share/doc/entrupy\-tokend/config.toml)
+.TP
+\fI$XDG_STATE_HOME/entrupy\-tokend/\fR
+the state directory (mode 0700; files 0600)
+.TP
+\fI/usr/share/dbus\-1/interfaces/com.entrupy.TokenDaemon1.xml\fR
+the D\-Bus API, documented
+.SH "SEE ALSO"
+\fBentrupy\-tokenctl\fR(1), \fBsystemctl\fR(1), \fBjournalctl\fR(1), \fBbusctl\fR(1)
+"#;
+
+/// `--generate-man DIR`: writes `DIR/entrupy-tokend.1`.
+fn generate_man(dir: &std::path::Path) -> ExitCode {
+    let man = clap_mangen::Man::new(Cli::command());
+    let path = dir.join(man.get_filename());
+    let mut page = Vec::new();
+    let written = man.render(&mut page).and_then(|()| {
+        page.extend_from_slice(MAN_EXTRA.as_bytes());
+        std::fs::write(&path, page)
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("entrupy-tokend: cannot write {}: {e}", path.display());
+            ExitCode::from(1)
         }
     }
 }

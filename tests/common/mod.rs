@@ -50,6 +50,7 @@ impl Bus {
   <limit name="max_connections_per_user">10000</limit>
   <limit name="max_match_rules_per_connection">50000</limit>
   <policy context="default">
+    <allow user="*"/>
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
     <allow own="*"/>
