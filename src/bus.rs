@@ -613,6 +613,32 @@ mod tests {
         OwnedValue::try_from(Value::from(s)).unwrap()
     }
 
+    proptest::proptest! {
+        /// Fuzzing by property: arbitrary ids and profiles are accepted or refused with
+        /// `InvalidArgument`, never a panic, and a refused credential is never quoted.
+        #[test]
+        fn arbitrary_profiles_never_panic(id in "\\PC{0,80}", keys in proptest::collection::vec(("\\PC{0,20}", "\\PC{0,60}"), 0..6)) {
+            let mut p: HashMap<String, OwnedValue> = HashMap::new();
+            for (k, v) in keys {
+                p.insert(k, OwnedValue::try_from(Value::from(v.as_str())).unwrap());
+            }
+            match parse_profile(&id, &p) {
+                Ok(args) => {
+                    proptest::prop_assert!(crate::config::validate_session_id(&id).is_ok());
+                    proptest::prop_assert!(crate::config::validate_unique_user_id(&args.unique_user_id).is_ok());
+                }
+                Err(Error::InvalidArgument(m)) => {
+                    if let Some(Value::Str(t)) = p.get("backend_token").map(|v| &**v)
+                        && t.len() > 8
+                    {
+                        proptest::prop_assert!(!m.contains(t.as_str()));
+                    }
+                }
+                Err(other) => proptest::prop_assert!(false, "unexpected error {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn only_the_same_user_is_allowed() {
         assert!(caller_allowed(1000, 1000));

@@ -900,6 +900,33 @@ email = "other@example.com"
         assert!(check_credentials(&c, "c.toml").unwrap_err().message.contains("/nonexistent/cred"));
     }
 
+    proptest::proptest! {
+        /// Fuzzing by property: no text makes the parser panic, and every error names the
+        /// file.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+            if let Err(e) = parse(&text, "f.toml") {
+                proptest::prop_assert!(e.to_string().starts_with("f.toml"));
+            }
+        }
+
+        /// Valid configs with one value replaced by arbitrary text.
+        #[test]
+        fn mutated_values_never_panic(idx in 0usize..40, junk in "\\PC{0,30}") {
+            let lines: Vec<&str> = FULL.lines().collect();
+            let mut out = Vec::new();
+            for (i, l) in lines.iter().enumerate() {
+                if i == idx % lines.len() && l.contains('=') {
+                    let key = l.split('=').next().unwrap_or("");
+                    out.push(format!("{key}= {junk:?}"));
+                } else {
+                    out.push((*l).to_owned());
+                }
+            }
+            let _ = parse(&out.join("\n"), "f.toml");
+        }
+    }
+
     #[test]
     fn line_col_counts_from_one() {
         assert_eq!(line_col("abc", 0), (1, 1));

@@ -500,6 +500,30 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Fuzzing by property: arbitrary answers never panic, and a malformed answer's
+        /// description never quotes the body (which may hold a token).
+        #[test]
+        fn arbitrary_answers_never_panic_or_leak(body in proptest::collection::vec(proptest::num::u8::ANY, 0..300), status in 100u16..600) {
+            let marker = b"SECRETMARKER";
+            let mut b = body.clone();
+            b.extend_from_slice(marker);
+            if let Err(f) = parse_login(200, &b, 0.0) {
+                proptest::prop_assert!(!f.to_string().contains("SECRETMARKER"));
+            }
+            let _ = parse_signed(200, &b);
+            let _ = classify_status(Peer::Entrupy, status, None, body.clone());
+            let _ = classify_status(Peer::Backend, status, None, body);
+        }
+
+        #[test]
+        fn arbitrary_retry_after_never_panics(v in "\\PC{0,40}") {
+            if let Some(s) = parse_retry_after(&v, std::time::SystemTime::now()) {
+                proptest::prop_assert!((0.0..=7.0 * 86_400.0).contains(&s));
+            }
+        }
+    }
+
     #[test]
     fn retry_after_forms() {
         let now = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);

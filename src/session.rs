@@ -1358,6 +1358,52 @@ mod tests {
         assert_eq!(c.refresh_at_property(None, 1000.0), 0.0);
     }
 
+    /// Storm regression (Vault Agent once sent hundreds of failing renewals a second): with
+    /// the upstream failing for three hours of simulated time, attempts stay within what the
+    /// backoff allows, keep going at the capped interval after expiry, and never loop tightly.
+    #[test]
+    fn a_failing_upstream_for_hours_stays_within_the_backoff() {
+        let p = Params {
+            margin: 300.0,
+            jitter: 30.0,
+            backoff_initial: 2.0,
+            backoff_max: 300.0,
+            budget: Budget { per_minute: 5, per_day: 100 },
+        };
+        let mut c = Core::new(p, true);
+        c.token = Some(Secret::new("t"));
+        c.apply(&Outcome::Success { expires_at: 3600.0, received_at: 0.0 }, false, 0.0, 0.0);
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rand = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let end = 3.0 * 3600.0 + 3300.0;
+        let mut now = 0.0;
+        let mut attempts = Vec::new();
+        loop {
+            let due = c.due_at(None).unwrap();
+            now = f64::max(now, due);
+            if now > end {
+                break;
+            }
+            c.in_flight = true;
+            attempts.push(now);
+            c.apply(&Outcome::Transient, false, now, rand());
+        }
+        assert_eq!(attempts[0], 3300.0, "the first attempt is the planned refresh");
+        let gaps: Vec<f64> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().all(|g| *g >= 0.02), "never a tight loop");
+        assert!(gaps.iter().all(|g| *g <= 300.0), "never longer than the cap");
+        // Expected about 10800 s / 150 s plus the ramp-up; far from a storm either way.
+        assert!(attempts.len() < 200, "{} attempts in three hours", attempts.len());
+        assert!(attempts.len() > 36, "kept trying after expiry: {} attempts", attempts.len());
+        assert!(*attempts.last().unwrap() > end - 300.0, "still trying at the end");
+        assert_eq!(c.state(end), State::Expired);
+    }
+
     #[test]
     fn restore_refreshes_only_past_the_refresh_point() {
         let rec = SessionRecord {

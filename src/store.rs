@@ -343,6 +343,25 @@ mod tests {
         assert!(names.iter().any(|n| n.starts_with("bad.json.corrupt-")), "{names:?}");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Fuzzing by property: any bytes in a state file load as a record or are moved
+        /// aside; nothing panics and the other files still load.
+        #[test]
+        fn arbitrary_state_files_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let tmp = tempfile::tempdir().unwrap();
+            let store = Store::open(tmp.path()).unwrap();
+            store.save_session(&SessionRecord { id: "good".into(), ..Default::default() }).unwrap();
+            fs::write(tmp.path().join("sessions/fuzz.json"), &bytes).unwrap();
+            fs::write(tmp.path().join("logins/user-0001.json"), &bytes).unwrap();
+            fs::write(tmp.path().join("installation.json"), &bytes).unwrap();
+            let loaded = store.load_sessions().unwrap();
+            proptest::prop_assert!(loaded.contains_key("good"));
+            let _ = store.load_logins().unwrap();
+            proptest::prop_assert!(crate::authreq::is_device_id(&store.device_id().unwrap()));
+        }
+    }
+
     #[test]
     fn read_only_directory_is_an_error_not_a_panic() {
         if rustix::process::geteuid().is_root() {
