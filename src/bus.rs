@@ -440,6 +440,24 @@ impl SessionObject {
         self.handle.snapshot().last_error.map(|e| e.as_str().to_owned()).unwrap_or_default()
     }
 
+    /// Extra (not in SPEC 6): successful logins of this user in the last 24 h.
+    #[zbus(property)]
+    fn logins_today(&self) -> u32 {
+        self.handle.snapshot().logins_today
+    }
+
+    /// Extra (not in SPEC 6): the daily login budget of this user.
+    #[zbus(property)]
+    fn logins_per_day(&self) -> u32 {
+        self.handle.snapshot().logins_per_day
+    }
+
+    /// Extra (not in SPEC 6): whether refreshes are paced to make the daily budget last.
+    #[zbus(property)]
+    fn pacing(&self) -> bool {
+        self.handle.snapshot().pacing
+    }
+
     /// `didLoginUserSuccessfully`.
     #[zbus(signal)]
     pub async fn login_succeeded(emitter: &SignalEmitter<'_>, expires_at: u64) -> zbus::Result<()>;
@@ -468,6 +486,9 @@ fn property_values(s: &Snapshot) -> Vec<(&'static str, Value<'static>)> {
         ("RefreshAt", Value::from(secs(s.refresh_at))),
         ("LastLoginAt", Value::from(secs(s.last_login_at.unwrap_or(0.0)))),
         ("LastError", Value::from(s.last_error.map(|e| e.as_str()).unwrap_or("").to_owned())),
+        ("LoginsToday", Value::from(s.logins_today)),
+        ("LoginsPerDay", Value::from(s.logins_per_day)),
+        ("Pacing", Value::from(s.pacing)),
     ]
 }
 

@@ -70,6 +70,15 @@ pub trait Session {
     /// Last error.
     #[zbus(property)]
     fn last_error(&self) -> zbus::Result<String>;
+    /// Extra: logins of this user in the last 24 h.
+    #[zbus(property)]
+    fn logins_today(&self) -> zbus::Result<u32>;
+    /// Extra: the daily login budget.
+    #[zbus(property)]
+    fn logins_per_day(&self) -> zbus::Result<u32>;
+    /// Extra: refreshes are paced.
+    #[zbus(property)]
+    fn pacing(&self) -> zbus::Result<bool>;
     /// Signal.
     #[zbus(signal)]
     fn login_succeeded(&self, expires_at: u64) -> zbus::Result<()>;

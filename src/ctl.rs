@@ -171,11 +171,16 @@ async fn execute(conn: &Connection, opts: &Options, cmd: Command) -> Result<i32,
             let last_error = s.last_error().await?;
             let username = s.username().await?;
             let uid = s.unique_user_id().await?;
+            // Extra properties; an older daemon without them still gets a status.
+            let today = s.logins_today().await.ok();
+            let per_day = s.logins_per_day().await.ok();
+            let pacing = s.pacing().await.unwrap_or(false);
             if opts.json {
                 print_json(serde_json::json!({
                     "session": id, "state": state, "valid": valid, "expires_at": expires,
                     "refresh_at": refresh, "last_login_at": last_login, "last_error": last_error,
-                    "username": username, "unique_user_id": uid,
+                    "username": username, "unique_user_id": uid, "logins_today": today,
+                    "logins_per_day": per_day, "pacing": pacing,
                 }));
                 return Ok(0);
             }
@@ -187,6 +192,12 @@ async fn execute(conn: &Connection, opts: &Options, cmd: Command) -> Result<i32,
             }
             if refresh > 0 {
                 parts.push(format!("next refresh {}", relative(refresh, now)));
+            }
+            if let (Some(t), Some(d)) = (today, per_day) {
+                parts.push(format!("{t} of {d} logins used today"));
+            }
+            if pacing {
+                parts.push("paced to make the daily budget last".to_owned());
             }
             if !last_error.is_empty() {
                 parts.push(format!("last error {last_error}"));

@@ -158,6 +158,8 @@ pub struct Core {
     pub in_flight: bool,
     /// `AuthorizationExpired` was emitted for the current token.
     pub expired_announced: bool,
+    /// When the last attempt started (pacing counts retries too).
+    pub last_attempt_at: Option<f64>,
 }
 
 /// How a finished attempt went, as the core sees it.
@@ -198,6 +200,7 @@ impl Core {
             last_error: None,
             in_flight: false,
             expired_announced: false,
+            last_attempt_at: None,
         }
     }
 
@@ -251,8 +254,28 @@ impl Core {
         self.retry_at.is_some()
     }
 
+    /// Pacing: when the token lifetime is so short that refreshing before every expiry would
+    /// spend more than the daily budget, automatic attempts (retries included) are spread to
+    /// one per `24 h / logins_per_day` once half of the day's budget is used, so the budget
+    /// lasts the day. Returns the earliest next automatic attempt, `None` when not pacing.
+    /// The first half is spent at the natural pace, so short runs see the SPEC's schedule.
+    pub fn pace_until(&self, used_today: u32) -> Option<f64> {
+        let per_day = f64::from(self.params.budget.per_day);
+        let interval = policy::DAY / per_day;
+        let natural = match (self.refresh_at, self.last_login_at) {
+            (Some(r), Some(l)) => r - l,
+            _ => return None,
+        };
+        if natural >= interval || f64::from(used_today) < per_day / 2.0 {
+            return None;
+        }
+        let last = self.last_attempt_at.or(self.last_login_at)?;
+        Some(last + interval)
+    }
+
     /// When the next automatic attempt may start, the budget permitting (`budget_free_at`
-    /// is when the budget frees, `None` when it is free). `None` when none is planned.
+    /// is when the budget frees or pacing allows, `None` when free now). `None` when none is
+    /// planned.
     pub fn due_at(&self, budget_free_at: Option<f64>) -> Option<f64> {
         if self.mode != Mode::Active || !self.has_backend || self.in_flight {
             return None;
@@ -419,6 +442,8 @@ pub struct Snapshot {
     pub valid: bool,
     /// Logins of this user in the last 24 h (for `status`).
     pub logins_today: u32,
+    /// Whether automatic refreshes are paced to make the daily budget last.
+    pub pacing: bool,
     /// The daily budget (for `status`).
     pub logins_per_day: u32,
 }
@@ -698,6 +723,8 @@ struct Task {
     events: broadcast::Sender<SessionEvent>,
     /// Modification stamp of the credential file at the last rejection.
     credential_stamp: Option<(i64, i64, u64, u64)>,
+    /// Pacing was announced in the log (once per episode).
+    pacing_logged: bool,
 }
 
 fn file_stamp(src: &CredentialSource) -> Option<(i64, i64, u64, u64)> {
@@ -741,14 +768,23 @@ pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shar
         snapshot_tx,
         events,
         credential_stamp: None,
+        pacing_logged: false,
     };
     tokio::spawn(task.run(rx).instrument(span));
     handle
 }
 
+/// When the next automatic attempt is held back to: the budget, or pacing.
+fn hold(core: &Core, shared: &Shared, uid: &str, now: f64) -> (Option<f64>, bool) {
+    let free = shared.budget_free_at(uid, core.params.budget, now);
+    let pace = core.pace_until(shared.used_today(uid, now));
+    let hold = [free, pace].into_iter().flatten().reduce(f64::max);
+    (hold, pace.is_some())
+}
+
 fn build_snapshot(settings: &Settings, core: &Core, shared: &Shared, now: f64) -> Snapshot {
     let uid = &settings.profile.unique_user_id;
-    let free = shared.budget_free_at(uid, core.params.budget, now);
+    let (free, pacing) = hold(core, shared, uid, now);
     Snapshot {
         id: settings.profile.id.clone(),
         unique_user_id: uid.clone(),
@@ -761,6 +797,7 @@ fn build_snapshot(settings: &Settings, core: &Core, shared: &Shared, now: f64) -
         last_error: core.last_error,
         valid: core.valid(now),
         logins_today: shared.used_today(uid, now),
+        pacing,
         logins_per_day: core.params.budget.per_day,
     }
 }
@@ -772,6 +809,22 @@ impl Task {
 
     fn budget_free_at(&self, now: f64) -> Option<f64> {
         self.shared.budget_free_at(&self.settings.profile.unique_user_id, self.core.params.budget, now)
+    }
+
+    /// What holds automatic attempts back: the budget and pacing (clients are not paced).
+    fn hold(&mut self, now: f64) -> Option<f64> {
+        let (h, pacing) = hold(&self.core, &self.shared, &self.settings.profile.unique_user_id, now);
+        if pacing && !self.pacing_logged {
+            let interval = policy::DAY / f64::from(self.core.params.budget.per_day);
+            warn!(
+                interval_s = interval.round(),
+                logins_per_day = self.core.params.budget.per_day,
+                "token lifetime too short for the daily login budget: pacing refreshes to one per {:.0} s",
+                interval
+            );
+        }
+        self.pacing_logged = pacing;
+        h
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -786,7 +839,8 @@ impl Task {
             let now = self.now();
             self.tick(now);
             self.publish(now);
-            let wake = self.core.next_wake(self.budget_free_at(now));
+            let hold = self.hold(now);
+            let wake = self.core.next_wake(hold);
             let sleep =
                 tokio::time::sleep(wake.map(|w| until(now, w)).unwrap_or(std::time::Duration::from_secs(86_400)));
             tokio::pin!(sleep);
@@ -823,8 +877,9 @@ impl Task {
             warn!(expires_at = %fmt_time(exp), "authorization expired");
             self.emit(now, SessionEvent::AuthorizationExpired);
         }
+        let hold = self.hold(now);
         if self.attempt.is_none()
-            && let Some(due) = self.core.due_at(self.budget_free_at(now))
+            && let Some(due) = self.core.due_at(hold)
             && now >= due
         {
             self.start(AttemptKind::Backend, false, now, Vec::new());
@@ -865,6 +920,7 @@ impl Task {
             }
         };
         self.core.in_flight = true;
+        self.core.last_attempt_at = Some(now);
         let ctx = AttemptCtx {
             clients: self.settings.clients.clone(),
             profile: self.settings.profile.clone(),
@@ -1073,7 +1129,8 @@ impl Task {
                     self.credential_stamp = file_stamp(src);
                 }
                 self.persist(false).await;
-                let next = self.core.due_at(self.budget_free_at(now)).map(|t| fmt_time(t.max(now)));
+                let hold = self.hold(now);
+                let next = self.core.due_at(hold).map(|t| fmt_time(t.max(now)));
                 warn!(error_class = api.name.as_str(), error = %api.message, next_attempt = next, "login failed");
                 self.emit(now, SessionEvent::LoginFailed(code, description));
                 if newly_reauth {
@@ -1402,6 +1459,22 @@ mod tests {
         assert!(attempts.len() > 36, "kept trying after expiry: {} attempts", attempts.len());
         assert!(*attempts.last().unwrap() > end - 300.0, "still trying at the end");
         assert_eq!(c.state(end), State::Expired);
+    }
+
+    #[test]
+    fn pacing_spreads_logins_once_half_the_budget_is_used() {
+        let mut p = params();
+        p.budget = Budget { per_minute: 5, per_day: 100 };
+        let mut c = Core::new(p, true);
+        c.token = Some(Secret::new("t"));
+        // 100 s tokens with a 10 s margin: a refresh every 90 s, 960 a day: too many.
+        c.apply(&Outcome::Success { expires_at: 1100.0, received_at: 1000.0 }, false, 1000.0, 0.0);
+        c.last_attempt_at = Some(999.0);
+        assert_eq!(c.pace_until(10), None, "the first half of the budget goes at the natural pace");
+        assert_eq!(c.pace_until(50), Some(999.0 + 864.0));
+        // Long-lived tokens are never paced.
+        c.apply(&Outcome::Success { expires_at: 5000.0, received_at: 1000.0 }, false, 1000.0, 0.0);
+        assert_eq!(c.pace_until(99), None);
     }
 
     #[test]

@@ -234,3 +234,108 @@ async fn callers_of_another_user_get_access_denied() {
     assert!(!out.status.success(), "another user got a token");
     assert!(stderr.contains("AccessDenied") || stderr.contains("may not use"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_tokens_are_paced_so_the_daily_budget_lasts() {
+    let env = Env::with_lifetime(Duration::from_secs(3)).await;
+    env.write_config(&Cfg { margin: "1s", per_minute: 5, per_day: 4, ..Default::default() });
+    let d = env.start_daemon().await;
+    let s = env.session("default").await;
+    // Half the budget goes at the natural pace (a login every 2 s)...
+    assert!(logins_reach(&env, 2, T).await);
+    assert!(eventually(T, || async { s.pacing().await.unwrap() }).await, "log:\n{}", d.log.text());
+    // ...then one per 24 h / 4: no login for a while, though the token expires.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(env.sim.counters().login_ok, 2);
+    assert!(d.log.text().contains("pacing refreshes"), "said once in the logs");
+    assert_eq!(d.log.text().matches("pacing refreshes").count(), 1);
+    let out = env.tokenctl(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("paced") && text.contains("2 of 4 logins used today"), "{text}");
+    // A client can still ask for a login (clients are not paced; the budget still holds).
+    s.refresh().await.unwrap();
+}
+
+/// A stand-in `org.freedesktop.Notifications` that records `Notify` calls.
+struct Notifications {
+    calls: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+#[zbus::interface(name = "org.freedesktop.Notifications")]
+impl Notifications {
+    #[allow(clippy::too_many_arguments)]
+    fn notify(
+        &self,
+        _app_name: &str,
+        _replaces_id: u32,
+        _app_icon: &str,
+        summary: &str,
+        body: &str,
+        _actions: Vec<String>,
+        _hints: std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+        _expire_timeout: i32,
+    ) -> u32 {
+        let mut c = self.calls.lock().unwrap();
+        c.push((summary.to_owned(), body.to_owned()));
+        c.len() as u32
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_desktop_notification_when_reauthorization_is_required() {
+    let env = Env::with_lifetime(Duration::from_secs(300)).await;
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _server = zbus::connection::Builder::address(env.bus.address.as_str())
+        .unwrap()
+        .name("org.freedesktop.Notifications")
+        .unwrap()
+        .serve_at("/org/freedesktop/Notifications", Notifications { calls: calls.clone() })
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    env.sim.set_accepted_credentials(Some(vec!["another-credential".into()]));
+    env.write_config(&Cfg { margin: "30s", ..Default::default() });
+    let _d = env.start_daemon().await;
+    let s = env.session("default").await;
+    assert!(eventually(T, || async { s.state().await.unwrap() == "needs-reauthorization" }).await);
+    assert!(eventually(T, || async { calls.lock().unwrap().len() == 1 }).await, "one notification");
+    assert!(calls.lock().unwrap()[0].1.contains("default"), "it names the session");
+    // Still rejected: the state does not change, so no second notification.
+    assert_eq!(err_name(s.refresh().await), "Unauthorized");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(calls.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_are_harmless_without_a_server_and_can_be_disabled() {
+    // No notification server on the bus: the session still reaches its state, nothing breaks.
+    let env = Env::with_lifetime(Duration::from_secs(300)).await;
+    env.sim.set_accepted_credentials(Some(vec!["another-credential".into()]));
+    env.write_config(&Cfg { margin: "30s", ..Default::default() });
+    let d = env.start_daemon().await;
+    let s = env.session("default").await;
+    assert!(eventually(T, || async { s.state().await.unwrap() == "needs-reauthorization" }).await);
+    assert!(!s.is_authorization_valid().await.unwrap());
+    assert!(!d.log.text().contains("panicked"));
+
+    // `[notify] enabled = false`: a server is there but gets nothing.
+    let env = Env::with_lifetime(Duration::from_secs(300)).await;
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _server = zbus::connection::Builder::address(env.bus.address.as_str())
+        .unwrap()
+        .name("org.freedesktop.Notifications")
+        .unwrap()
+        .serve_at("/org/freedesktop/Notifications", Notifications { calls: calls.clone() })
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    env.sim.set_accepted_credentials(Some(vec!["another-credential".into()]));
+    env.write_config(&Cfg { margin: "30s", extra: "[notify]\nenabled = false\n".into(), ..Default::default() });
+    let _d = env.start_daemon().await;
+    let s = env.session("default").await;
+    assert!(eventually(T, || async { s.state().await.unwrap() == "needs-reauthorization" }).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(calls.lock().unwrap().is_empty(), "disabled notifications are not sent");
+}
