@@ -1,5 +1,9 @@
 //! Log output: journald with structured fields when stderr is the journal stream, else
 //! readable lines on stderr (without our own timestamps when systemd adds them).
+//!
+//! In the journal every field carries the `ENTRUPY_` prefix: `ENTRUPY_SESSION`,
+//! `ENTRUPY_UNIQUE_USER_ID`, `ENTRUPY_EVENT`, `ENTRUPY_EXPIRES_AT`, `ENTRUPY_REFRESH_AT`,
+//! `ENTRUPY_ATTEMPT`, `ENTRUPY_ERROR_CLASS`, `ENTRUPY_NEXT_ATTEMPT`.
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::prelude::*;
@@ -27,7 +31,11 @@ pub fn init(level: &str) {
     {
         let _ = tracing_subscriber::registry()
             .with(filter)
-            .with(journald.with_syslog_identifier("entrupy-tokend".to_owned()))
+            .with(
+                journald
+                    .with_syslog_identifier("entrupy-tokend".to_owned())
+                    .with_field_prefix(Some("ENTRUPY".to_owned())),
+            )
             .try_init();
         return;
     }

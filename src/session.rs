@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::clock::{Clock, fmt_time, until};
 use crate::config::CredentialSource;
@@ -758,7 +758,11 @@ pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shar
         events: events.clone(),
         clock: shared.clock.clone(),
     };
-    let span = tracing::info_span!("session", session = %settings.profile.id);
+    let span = tracing::info_span!(
+        "session",
+        session = %settings.profile.id,
+        unique_user_id = %settings.profile.unique_user_id
+    );
     let task = Task {
         settings,
         core,
@@ -874,7 +878,7 @@ impl Task {
             && now >= exp
         {
             self.core.expired_announced = true;
-            warn!(expires_at = %fmt_time(exp), "authorization expired");
+            warn!(event = "authorization_expired", expires_at = %fmt_time(exp), "authorization expired");
             self.emit(now, SessionEvent::AuthorizationExpired);
         }
         let hold = self.hold(now);
@@ -929,7 +933,7 @@ impl Task {
             shared: self.shared.clone(),
             logins,
         };
-        info!(attempt = self.core.backoff_attempt + 1, asked, "login attempt");
+        debug!(event = "login_attempt", attempt = self.core.backoff_attempt + 1, asked, "login attempt");
         self.attempt = Some(Attempt { fut: Box::pin(run_attempt(kind, ctx)), asked, reserved_at: now, waiters });
     }
 
@@ -1085,6 +1089,7 @@ impl Task {
                 self.shared.persist_logins(&uid, logins).await;
                 self.persist(false).await;
                 info!(
+                    event = "login_succeeded",
                     expires_at = %fmt_time(s.login.expires_at),
                     refresh_at = self.core.refresh_at.map(fmt_time),
                     "logged in"
@@ -1131,10 +1136,19 @@ impl Task {
                 self.persist(false).await;
                 let hold = self.hold(now);
                 let next = self.core.due_at(hold).map(|t| fmt_time(t.max(now)));
-                warn!(error_class = api.name.as_str(), error = %api.message, next_attempt = next, "login failed");
+                warn!(
+                    event = "login_failed",
+                    error_class = api.name.as_str(),
+                    error = %api.message,
+                    next_attempt = next,
+                    "login failed"
+                );
                 self.emit(now, SessionEvent::LoginFailed(code, description));
                 if newly_reauth {
-                    warn!("the backend rejected the credential: re-authorization required");
+                    warn!(
+                        event = "reauthorization_required",
+                        "the backend rejected the credential: re-authorization required"
+                    );
                     self.emit(now, SessionEvent::ReauthorizationRequired);
                 }
                 for w in attempt.waiters {
