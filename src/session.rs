@@ -951,9 +951,12 @@ impl Task {
                 self.client_attempt(Waiter::Ensure(tx), now);
             }
             Command::LoginSigned(signed, tx) => {
-                if let Some(a) = self.attempt.as_mut() {
+                if self.attempt.is_some() {
                     // Wait for the attempt under way; its success serves this caller too.
-                    let _ = a;
+                    if self.signed_queue.len() >= MAX_SIGNED_QUEUE {
+                        let _ = tx.send(Err(too_many_waiters()));
+                        return;
+                    }
                     self.signed_queue.push_back((signed, tx));
                     return;
                 }
@@ -990,6 +993,10 @@ impl Task {
     /// `Refresh` or `EnsureValid`: join the attempt under way, or start one.
     fn client_attempt(&mut self, waiter: Waiter, now: f64) {
         if let Some(a) = self.attempt.as_mut() {
+            if a.waiters.len() >= MAX_WAITERS {
+                answer_err(waiter, too_many_waiters());
+                return;
+            }
             a.waiters.push(waiter);
             return;
         }
@@ -1230,6 +1237,15 @@ impl Task {
             Err(e) => tracing::error!(error = %e, "state writer failed"),
         }
     }
+}
+
+/// Most callers that may wait on one session's attempt; more get `TooManyRequests`.
+pub const MAX_WAITERS: usize = 16_384;
+/// Most `LoginWithSignedRequest` callers waiting their turn on one session.
+pub const MAX_SIGNED_QUEUE: usize = 256;
+
+fn too_many_waiters() -> ApiError {
+    ApiError::new(ErrorName::TooManyRequests, "too many callers are waiting on this session; try again shortly")
 }
 
 fn budget_error(free: f64, now: f64) -> ApiError {
