@@ -417,8 +417,17 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     let ctx = Ctx { file, text };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let message = e.message().trim().to_owned();
-        let key = unknown_key_name(&message);
-        ConfigError { file: file.to_owned(), key, position: e.span().map(|s| line_col(text, s.start)), message }
+        let offset = e.span().map(|s| s.start);
+        let key = match (unknown_key_name(&message), offset) {
+            (Some(k), Some(o)) => Some(match table_at(text, o) {
+                Some(t) => format!("{t}.{k}"),
+                None => k,
+            }),
+            (Some(k), None) => Some(k),
+            (None, Some(o)) => key_at(text, o),
+            (None, None) => None,
+        };
+        ConfigError { file: file.to_owned(), key, position: offset.map(|o| line_col(text, o)), message }
     })?;
 
     let state_dir = match &raw.state_dir {
@@ -566,6 +575,49 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         access,
         sessions,
     })
+}
+
+/// The table a byte offset is in, as a dotted name (`refresh`, `session[1]`), from the last
+/// header above it; `None` at the top level.
+fn table_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset.min(text.len()))?;
+    let mut table = None;
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for line in before.lines() {
+        let t = line.split('#').next().unwrap_or("").trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.strip_suffix("]]")) {
+            let name = name.trim().to_owned();
+            let n = counts.entry(name.clone()).or_insert(0);
+            table = Some(format!("{name}[{n}]"));
+            *n += 1;
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            table = Some(name.trim().to_owned());
+        }
+    }
+    table
+}
+
+/// The dotted key of the `key = value` line at a byte offset (for syntax and type errors),
+/// or the table when the line is a header.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text.get(..offset)?.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line_end = text.get(offset..).and_then(|r| r.find('\n')).map(|i| offset + i).unwrap_or(text.len());
+    let line = text.get(line_start..line_end)?.trim();
+    let table = table_at(text, line_start);
+    match line.split_once('=') {
+        Some((k, _)) if !line.starts_with('[') => {
+            let k = k.trim().trim_matches('"');
+            if k.is_empty() {
+                return table;
+            }
+            Some(match table {
+                Some(t) => format!("{t}.{k}"),
+                None => k.to_owned(),
+            })
+        }
+        _ => table,
+    }
 }
 
 /// Pulls the key name out of serde's "unknown field `x`" message.
@@ -799,12 +851,31 @@ email = "other@example.com"
     }
 
     #[test]
+    fn every_syntax_and_type_error_names_the_dotted_key() {
+        let table: &[(&str, &str)] = &[
+            ("[refresh]\nmargin = 5m\n", "refresh.margin"),
+            ("[refresh]\nmargin = \"5m\"\nmargin = \"6m\"\n", "refresh.margin"),
+            ("[rate_limit]\nlogins_per_minute = 99999999999999999999\n", "rate_limit.logins_per_minute"),
+            ("[rate_limit]\nlogins_per_minute = \"five\"\n", "rate_limit.logins_per_minute"),
+            ("[[session]]\nid = \"a\"\n[[session]]\nid = 5\n", "session[1].id"),
+            ("state_dir = 5\n", "state_dir"),
+        ];
+        for (text, key) in table {
+            let e = err(text);
+            assert_eq!(e.key.as_deref(), Some(*key), "{text:?} gave {e}");
+            assert!(e.position.is_some());
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         let e = err("[refresh]\nmargn = \"5m\"\n");
-        assert_eq!(e.key.as_deref(), Some("margn"));
+        assert_eq!(e.key.as_deref(), Some("refresh.margn"));
         assert_eq!(e.position, Some((2, 1)));
         let e = err("bogus = 1\n");
-        assert!(e.to_string().contains("bogus"), "{e}");
+        assert_eq!(e.key.as_deref(), Some("bogus"));
+        let e = err("[[session]]\nid=\"a\"\n[[session]]\nid=\"b\"\nfoo=1\n");
+        assert_eq!(e.key.as_deref(), Some("session[1].foo"));
         let e = err("[[session]]\nid=\"a\"\nunique_user_id=\"abcdefgh\"\nemail=\"a@b\"\nfoo=\"x\"\n");
         assert!(e.to_string().contains("foo"), "{e}");
     }

@@ -110,7 +110,6 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "entrupy-tokend stops");
             eprintln!("entrupy-tokend: {e}");
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
         }
