@@ -431,7 +431,13 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
         clock: clock.clone(),
     });
 
-    let builder = match &controls.session_bus {
+    // A plain dbus-daemon that activates us may pass its address only as
+    // DBUS_STARTER_ADDRESS; use it when DBUS_SESSION_BUS_ADDRESS is absent.
+    let starter = std::env::var("DBUS_STARTER_ADDRESS").ok().filter(|_| {
+        std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_none()
+            && std::env::var("DBUS_STARTER_BUS_TYPE").map(|t| t == "session").unwrap_or(false)
+    });
+    let builder = match controls.session_bus.as_ref().or(starter.as_ref()) {
         Some(addr) => zbus::connection::Builder::address(addr.as_str()),
         None => zbus::connection::Builder::session(),
     };
