@@ -339,3 +339,32 @@ async fn notifications_are_harmless_without_a_server_and_can_be_disabled() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(calls.lock().unwrap().is_empty(), "disabled notifications are not sent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_allow_list_admits_only_named_executables() {
+    let env = Env::with_lifetime(Duration::from_secs(300)).await;
+    env.write_config(&Cfg {
+        margin: "30s",
+        extra: "[access]\ntoken_executables = [\"/usr/bin/some-other-app\"]\n".into(),
+        ..Default::default()
+    });
+    let d = env.start_daemon().await;
+    let s = env.session("default").await;
+    assert!(eventually(T, || async { s.state().await.unwrap() == "valid" }).await);
+    assert_eq!(err_name(s.get_token().await), "AccessDenied");
+    assert_eq!(err_name(s.ensure_valid(10).await), "AccessDenied");
+    assert!(s.is_authorization_valid().await.unwrap(), "other methods stay open");
+    // This test program is on the list after a reload: now it may read the token.
+    let me = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
+    env.write_config(&Cfg {
+        margin: "30s",
+        extra: format!("[access]\ntoken_executables = [{:?}]\n", me.display().to_string()),
+        ..Default::default()
+    });
+    d.signal(rustix::process::Signal::HUP);
+    assert!(
+        eventually(T, || async { s.get_token().await.is_ok() }).await,
+        "the allowed executable reads the token; log:\n{}",
+        d.log.text()
+    );
+}
