@@ -258,7 +258,7 @@ async fn short_tokens_are_paced_so_the_daily_budget_lasts() {
 
 /// A stand-in `org.freedesktop.Notifications` that records `Notify` calls.
 struct Notifications {
-    calls: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    calls: Calls,
 }
 
 #[zbus::interface(name = "org.freedesktop.Notifications")]
@@ -281,11 +281,12 @@ impl Notifications {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_desktop_notification_when_reauthorization_is_required() {
-    let env = Env::with_lifetime(Duration::from_secs(300)).await;
-    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let _server = zbus::connection::Builder::address(env.bus.address.as_str())
+type Calls = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+/// Serves the stand-in notification server on the env's bus; returns it and its call log.
+async fn notification_server(env: &Env) -> (zbus::Connection, Calls) {
+    let calls = Calls::default();
+    let server = zbus::connection::Builder::address(env.bus.address.as_str())
         .unwrap()
         .name("org.freedesktop.Notifications")
         .unwrap()
@@ -294,6 +295,13 @@ async fn one_desktop_notification_when_reauthorization_is_required() {
         .build()
         .await
         .unwrap();
+    (server, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_desktop_notification_when_reauthorization_is_required() {
+    let env = Env::with_lifetime(Duration::from_secs(300)).await;
+    let (_server, calls) = notification_server(&env).await;
     env.sim.set_accepted_credentials(Some(vec!["another-credential".into()]));
     env.write_config(&Cfg { margin: "30s", ..Default::default() });
     let _d = env.start_daemon().await;
@@ -321,16 +329,7 @@ async fn notifications_are_harmless_without_a_server_and_can_be_disabled() {
 
     // `[notify] enabled = false`: a server is there but gets nothing.
     let env = Env::with_lifetime(Duration::from_secs(300)).await;
-    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let _server = zbus::connection::Builder::address(env.bus.address.as_str())
-        .unwrap()
-        .name("org.freedesktop.Notifications")
-        .unwrap()
-        .serve_at("/org/freedesktop/Notifications", Notifications { calls: calls.clone() })
-        .unwrap()
-        .build()
-        .await
-        .unwrap();
+    let (_server, calls) = notification_server(&env).await;
     env.sim.set_accepted_credentials(Some(vec!["another-credential".into()]));
     env.write_config(&Cfg { margin: "30s", extra: "[notify]\nenabled = false\n".into(), ..Default::default() });
     let _d = env.start_daemon().await;
