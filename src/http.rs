@@ -151,7 +151,7 @@ pub struct Clients {
 }
 
 /// Builds the shared reqwest client: rustls with the ring provider, the system roots
-/// (honouring `SSL_CERT_FILE`), no retries, no redirects.
+/// (honouring `SSL_CERT_FILE`), no retries, no redirects, no idle connections kept.
 pub fn build_client(timeout: Duration) -> Result<reqwest::Client, String> {
     // Installing the process-wide provider fails only when one is installed already, which
     // is fine: any installed provider serves.
@@ -162,7 +162,9 @@ pub fn build_client(timeout: Duration) -> Result<reqwest::Client, String> {
         .retry(reqwest::retry::never())
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(crate::names::user_agent())
-        .pool_idle_timeout(Duration::from_secs(30))
+        // No connection pool: a login every few minutes gains nothing from keep-alive, and
+        // a pool's idle reaper would wake the idle daemon twice a minute.
+        .pool_max_idle_per_host(0)
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
