@@ -427,6 +427,7 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
     let shared = Arc::new(Shared {
         store,
         logins: std::sync::Mutex::new(logins.into_iter().collect()),
+        logins_write: std::sync::Mutex::new(()),
         device_id,
         clock: clock.clone(),
     });

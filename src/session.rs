@@ -160,6 +160,9 @@ pub struct Core {
     pub expired_announced: bool,
     /// When the last attempt started (pacing counts retries too).
     pub last_attempt_at: Option<f64>,
+    /// A client called `Cleanup` and nobody logged in since: persisted, so the session stays
+    /// logged out across restarts and reloads.
+    pub cleaned_up: bool,
 }
 
 /// How a finished attempt went, as the core sees it.
@@ -201,6 +204,7 @@ impl Core {
             in_flight: false,
             expired_announced: false,
             last_attempt_at: None,
+            cleaned_up: false,
         }
     }
 
@@ -213,6 +217,7 @@ impl Core {
         c.last_login_at = rec.last_login_at;
         if rec.logged_out {
             c.mode = Mode::LoggedOut;
+            c.cleaned_up = true;
             return c;
         }
         if let (Some(tok), Some(exp)) = (&rec.token, rec.expires_at) {
@@ -335,6 +340,7 @@ impl Core {
         match *outcome {
             Outcome::Success { expires_at, received_at } => {
                 self.mode = Mode::Active;
+                self.cleaned_up = false;
                 self.expires_at = Some(expires_at);
                 self.last_login_at = Some(received_at);
                 self.expired_announced = false;
@@ -388,6 +394,7 @@ impl Core {
     /// `Cleanup`: drop the token and stop refreshing.
     pub fn cleanup(&mut self) {
         self.mode = Mode::LoggedOut;
+        self.cleaned_up = true;
         self.token = None;
         self.expires_at = None;
         self.refresh_at = None;
@@ -491,6 +498,8 @@ pub struct Shared {
     pub store: Option<Store>,
     /// Login histories per user, the budget's memory.
     pub logins: Mutex<HashMap<String, Vec<f64>>>,
+    /// Serializes writes of login history files.
+    pub logins_write: Mutex<()>,
     /// The installation's device id.
     pub device_id: String,
     /// The wall clock.
@@ -510,7 +519,7 @@ impl Shared {
 
     /// Reserves a login slot at `now` when the budget allows; the entry counts as a login
     /// until [`Shared::settle`] replaces or removes it.
-    fn reserve(&self, uid: &str, budget: Budget, now: f64) -> Result<Vec<f64>, f64> {
+    fn reserve(&self, uid: &str, budget: Budget, now: f64) -> Result<(), f64> {
         let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
         let entry = logins.entry(uid.to_owned()).or_default();
         Budget::prune(entry, now);
@@ -518,11 +527,11 @@ impl Shared {
             return Err(free);
         }
         entry.push(now);
-        Ok(entry.clone())
+        Ok(())
     }
 
     /// Ends a reservation: a success moves it to `success_at`, a failure drops it.
-    fn settle(&self, uid: &str, reserved_at: f64, success_at: Option<f64>) -> Vec<f64> {
+    fn settle(&self, uid: &str, reserved_at: f64, success_at: Option<f64>) {
         let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
         let entry = logins.entry(uid.to_owned()).or_default();
         if let Some(pos) = entry.iter().position(|t| *t == reserved_at) {
@@ -535,13 +544,21 @@ impl Shared {
         } else if let Some(t) = success_at {
             entry.push(t);
         }
-        entry.clone()
     }
 
-    async fn persist_logins(&self, uid: &str, logins: Vec<f64>) {
+    /// Writes a user's login history as it is in memory at the time of writing; writes are
+    /// serialized so a slower, older write cannot land after a newer one.
+    async fn persist_logins(self: &Arc<Self>, uid: &str) {
         let Some(store) = self.store.clone() else { return };
         let uid_owned = uid.to_owned();
-        let res = tokio::task::spawn_blocking(move || store.save_logins(&uid_owned, &logins)).await;
+        let shared = self.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let _serial = shared.logins_write.lock().unwrap_or_else(|e| e.into_inner());
+            let logins =
+                shared.logins.lock().unwrap_or_else(|e| e.into_inner()).get(&uid_owned).cloned().unwrap_or_default();
+            store.save_logins(&uid_owned, &logins)
+        })
+        .await;
         match res {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(unique_user_id = uid, error = %e, "cannot save the login history"),
@@ -912,8 +929,8 @@ impl Task {
     /// budget does not allow one (the caller decides what they get).
     fn start(&mut self, kind: AttemptKind, asked: bool, now: f64, waiters: Vec<Waiter>) {
         let uid = self.settings.profile.unique_user_id.clone();
-        let logins = match self.shared.reserve(&uid, self.core.params.budget, now) {
-            Ok(l) => l,
+        match self.shared.reserve(&uid, self.core.params.budget, now) {
+            Ok(()) => {}
             Err(free) => {
                 // Only reachable when the budget changed between the check and here.
                 let e = budget_error(free, now);
@@ -931,7 +948,6 @@ impl Task {
             device_id: self.shared.device_id.clone(),
             clock: self.shared.clock.clone(),
             shared: self.shared.clone(),
-            logins,
         };
         debug!(event = "login_attempt", attempt = self.core.backoff_attempt + 1, asked, "login attempt");
         self.attempt = Some(Attempt { fut: Box::pin(run_attempt(kind, ctx)), asked, reserved_at: now, waiters });
@@ -970,7 +986,7 @@ impl Task {
                 self.cancel_attempt("cancelled by Cleanup");
                 self.core.cleanup();
                 info!("cleaned up: token dropped, refreshing stopped");
-                self.persist(true).await;
+                self.persist().await;
                 let _ = tx.send(());
             }
             Command::Wake => {
@@ -1028,8 +1044,9 @@ impl Task {
         self.core.has_backend = has_backend;
         if uid_changed {
             self.cancel_attempt("cancelled: the session's user changed");
-            let mode = self.core.mode;
+            let (mode, cleaned_up) = (self.core.mode, self.core.cleaned_up);
             self.core.cleanup();
+            self.core.cleaned_up = cleaned_up;
             self.core.mode = if mode == Mode::LoggedOut || !has_backend { Mode::LoggedOut } else { Mode::Active };
             self.core.username.clear();
         } else {
@@ -1039,10 +1056,14 @@ impl Task {
                 self.core.refresh_at = Some(self.core.refresh_at.map_or(point, |r| r.min(point)));
             }
         }
+        if has_backend && self.core.mode == Mode::LoggedOut && !self.core.cleaned_up {
+            // Logged out only for want of a backend: one is configured now.
+            self.core.mode = Mode::Active;
+        }
         if !has_backend && self.core.mode == Mode::Active && !self.core.valid(now) {
             self.core.retry_at = None;
         }
-        self.persist(false).await;
+        self.persist().await;
     }
 
     fn cancel_attempt(&mut self, why: &str) {
@@ -1070,7 +1091,7 @@ impl Task {
                 }
             }
         } else {
-            self.persist(self.core.mode == Mode::LoggedOut && self.core.token.is_none()).await;
+            self.persist().await;
         }
     }
 
@@ -1081,7 +1102,7 @@ impl Task {
         let uid = self.settings.profile.unique_user_id.clone();
         match result {
             Ok(s) => {
-                let logins = self.shared.settle(&uid, attempt.reserved_at, Some(s.received_at));
+                self.shared.settle(&uid, attempt.reserved_at, Some(s.received_at));
                 self.core.token = Some(s.login.token.clone());
                 if let Some(name) = s.username.clone() {
                     self.core.username = name;
@@ -1093,8 +1114,8 @@ impl Task {
                     u,
                 );
                 // Durable before anyone is given the token: a kill -9 now loses nothing.
-                self.shared.persist_logins(&uid, logins).await;
-                self.persist(false).await;
+                self.shared.persist_logins(&uid).await;
+                self.persist().await;
                 info!(
                     event = "login_succeeded",
                     expires_at = %fmt_time(s.login.expires_at),
@@ -1118,8 +1139,8 @@ impl Task {
                 }
             }
             Err(err) => {
-                let logins = self.shared.settle(&uid, attempt.reserved_at, None);
-                self.shared.persist_logins(&uid, logins).await;
+                self.shared.settle(&uid, attempt.reserved_at, None);
+                self.shared.persist_logins(&uid).await;
                 let (outcome, api, code, description) = self.classify(&err);
                 let signed_attempt = attempt.waiters.iter().any(|w| matches!(w, Waiter::Signed(_)));
                 // A client's own signed request that Entrupy rejects says nothing about the
@@ -1140,7 +1161,7 @@ impl Task {
                 if let Credential::Source(src) = &self.settings.profile.credential {
                     self.credential_stamp = file_stamp(src);
                 }
-                self.persist(false).await;
+                self.persist().await;
                 let hold = self.hold(now);
                 let next = self.core.due_at(hold).map(|t| fmt_time(t.max(now)));
                 warn!(
@@ -1206,7 +1227,7 @@ impl Task {
         }
     }
 
-    async fn persist(&mut self, logged_out: bool) {
+    async fn persist(&mut self) {
         let Some(store) = self.shared.store.clone() else { return };
         let p = &self.settings.profile;
         let rec = SessionRecord {
@@ -1229,7 +1250,7 @@ impl Task {
             last_login_at: self.core.last_login_at,
             refresh_at: self.core.refresh_at,
             last_error: self.core.last_error.map(|e| e.as_str().to_owned()),
-            logged_out: logged_out || self.core.mode == Mode::LoggedOut && self.core.token.is_none(),
+            logged_out: self.core.cleaned_up,
         };
         match tokio::task::spawn_blocking(move || store.save_session(&rec)).await {
             Ok(Ok(())) => {}
@@ -1272,7 +1293,6 @@ struct AttemptCtx {
     device_id: String,
     clock: Clock,
     shared: Arc<Shared>,
-    logins: Vec<f64>,
 }
 
 /// One login attempt: persist the reservation, then sign and log in (for the daemon's own
@@ -1280,7 +1300,7 @@ struct AttemptCtx {
 async fn run_attempt(kind: AttemptKind, ctx: AttemptCtx) -> Result<Success, AttemptError> {
     let p = &ctx.profile;
     // The reservation is on disk before the request leaves: a crash cannot lose a login.
-    ctx.shared.persist_logins(&p.unique_user_id, ctx.logins.clone()).await;
+    ctx.shared.persist_logins(&p.unique_user_id).await;
     match kind {
         AttemptKind::Signed(signed) => {
             let login = ctx.clients.login(&signed, ctx.clock.now()).await.map_err(AttemptError::Http)?;

@@ -330,3 +330,23 @@ async fn manager_adds_lists_and_removes_sessions() {
     let _d = env.start_daemon().await;
     assert_eq!(m.list_sessions().await.unwrap().len(), 1, "RemoveSession forgets the session");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_configured_later_starts_a_session_that_was_only_waiting_for_one() {
+    let env = Env::with_lifetime(Duration::from_secs(300)).await;
+    env.write_config(&Cfg { backend: false, ..Default::default() });
+    let mut d = env.start_daemon().await;
+    assert_eq!(env.session("default").await.state().await.unwrap(), "logged-out");
+    d.stop();
+    // A restart with a backend: the session was never cleaned up, so it logs in.
+    env.write_config(&Cfg { margin: "30s", ..Default::default() });
+    let d = env.start_daemon().await;
+    wait_state(&env, "default", "valid").await;
+    // Cleanup, then a reload: Cleanup wins until a client asks.
+    let s = env.session("default").await;
+    s.cleanup().await.unwrap();
+    d.signal(rustix::process::Signal::HUP);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(s.state().await.unwrap(), "logged-out");
+    assert_eq!(env.sim.counters().login_ok, 1);
+}
