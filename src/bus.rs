@@ -227,6 +227,7 @@ fn path(p: String) -> Result<OwnedObjectPath, Error> {
 #[interface(name = "com.entrupy.TokenDaemon1.Manager")]
 impl ManagerObject {
     /// The object paths of all sessions.
+    #[zbus(out_args("sessions"))]
     async fn list_sessions(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -237,6 +238,7 @@ impl ManagerObject {
     }
 
     /// The object path of the session `id`.
+    #[zbus(out_args("path"))]
     async fn get_session(
         &self,
         id: &str,
@@ -252,6 +254,7 @@ impl ManagerObject {
     }
 
     /// Adds and persists a session.
+    #[zbus(out_args("path"))]
     async fn add_session(
         &self,
         id: &str,
@@ -306,6 +309,7 @@ fn secs(t: f64) -> u64 {
 #[interface(name = "com.entrupy.TokenDaemon1.Session")]
 impl SessionObject {
     /// Whether a token is held and has not expired.
+    #[zbus(out_args("valid"))]
     async fn is_authorization_valid(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -315,30 +319,35 @@ impl SessionObject {
         Ok(self.handle.is_valid())
     }
 
-    /// The token and its expiry; `NotAuthorized` when not valid.
+    /// The token and its expiry as one `(st)` struct (SPEC 6); `NotAuthorized` when not
+    /// valid.
+    #[zbus(out_args("token"))]
     async fn get_token(
         &self,
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<(String, u64), Error> {
+    ) -> Result<((String, u64),), Error> {
         self.access.check_token(conn, &hdr).await?;
         let (t, e) = self.handle.get_token()?;
-        Ok((t.expose().to_owned(), secs(e)))
+        Ok(((t.expose().to_owned(), secs(e)),))
     }
 
-    /// A token valid for at least `min_seconds` more, refreshing first if needed.
+    /// A token valid for at least `min_seconds` more, refreshing first if needed; one
+    /// `(st)` struct like `GetToken`.
+    #[zbus(out_args("token"))]
     async fn ensure_valid(
         &self,
         min_seconds: u32,
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<(String, u64), Error> {
+    ) -> Result<((String, u64),), Error> {
         self.access.check_token(conn, &hdr).await?;
         let (t, e) = self.handle.ensure_valid(min_seconds).await?;
-        Ok((t.expose().to_owned(), secs(e)))
+        Ok(((t.expose().to_owned(), secs(e)),))
     }
 
     /// Re-authorizes now; returns the new expiry.
+    #[zbus(out_args("expires_at"))]
     async fn refresh(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -349,6 +358,7 @@ impl SessionObject {
     }
 
     /// A fresh SDK authorization request, for apps that call the backend themselves.
+    #[zbus(out_args("sdk_authorization_request"))]
     async fn generate_authorization_request(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -359,6 +369,7 @@ impl SessionObject {
     }
 
     /// Logs in with a request the caller had signed.
+    #[zbus(out_args("expires_at"))]
     async fn login_with_signed_request(
         &self,
         signed: &str,

@@ -143,7 +143,8 @@ fn the_comparison_notices_a_changed_argument_name_type_or_member() {
         (r#"name="min_seconds" type="u""#, r#"name="min_seconds" type="t""#),
         (r#"<signal name="AuthorizationExpired">"#, r#"<signal name="AuthorizationLapsed">"#),
         (r#"<property name="Valid" type="b" access="read">"#, r#"<property name="Valid" type="b" access="readwrite">"#),
-        (r#"<arg type="ao" direction="out">"#, r#"<arg type="ao" direction="in">"#),
+        (r#"<arg name="sessions" type="ao" direction="out">"#, r#"<arg name="sessions" type="ao" direction="in">"#),
+        (r#"<arg name="token" type="(st)" direction="out">"#, r#"<arg name="token" type="(ss)" direction="out">"#),
     ] {
         assert!(xml.contains(from), "{from}");
         let changed = facts(&parse(&xml.replacen(from, to, 1), "the changed file"));
