@@ -9,6 +9,7 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod error;
+pub mod generate;
 pub mod http;
 pub mod logging;
 pub mod names;

@@ -71,42 +71,6 @@ enum Cmd {
     Watch,
 }
 
-/// Hidden flags for packagers, `--generate-man DIR` (entrupy-tokenctl.1 and one page per
-/// command) and `--generate-completions SHELL`. Parsed apart from [`Cli`], which requires a
-/// command, so that they stay out of the help, the man pages and the completions.
-#[derive(Debug, Parser)]
-#[command(name = "entrupy-tokenctl")]
-struct Generate {
-    /// Write the man pages into DIR.
-    #[arg(long, value_name = "DIR", exclusive = true)]
-    generate_man: Option<std::path::PathBuf>,
-    /// Print the completion script for SHELL.
-    #[arg(long, value_name = "SHELL", exclusive = true)]
-    generate_completions: Option<clap_complete::Shell>,
-}
-
-impl Generate {
-    /// Whether the command line asks for a generator.
-    fn requested() -> bool {
-        std::env::args_os().nth(1).is_some_and(|a| a.to_str().is_some_and(|a| a.starts_with("--generate-")))
-    }
-
-    fn run() -> ExitCode {
-        match Generate::try_parse() {
-            Ok(Generate { generate_man: Some(dir), .. }) => generate_man(&dir),
-            Ok(Generate { generate_completions: Some(shell), .. }) => {
-                clap_complete::generate(shell, &mut Cli::command(), "entrupy-tokenctl", &mut std::io::stdout());
-                ExitCode::SUCCESS
-            }
-            Ok(_) => ExitCode::from(2),
-            Err(e) => {
-                let _ = e.print();
-                ExitCode::from(2)
-            }
-        }
-    }
-}
-
 /// Sections of the main man page that clap does not know.
 const MAN_EXTRA: &str = r#".SH "EXIT STATUS"
 0 on success. \fBis\-valid\fR exits 0 when the token is valid, 1 when it is not, 2 when the daemon could not be asked. Every other command exits non\-zero after one line on stderr when the call fails (a D\-Bus error such as com.entrupy.TokenDaemon1.Error.NotAuthorized); 2 for a usage error.
@@ -118,29 +82,14 @@ the session bus the daemon is on
 \fBentrupy\-tokend\fR(1), \fBbusctl\fR(1), \fBgdbus\fR(1)
 "#;
 
-/// `--generate-man DIR`: the main page (with [`MAN_EXTRA`]) and one page per visible command.
-fn generate_man(dir: &std::path::Path) -> ExitCode {
-    let cmd = Cli::command().disable_help_subcommand(true);
-    let main = clap_mangen::Man::new(cmd.clone());
-    let path = dir.join(main.get_filename());
-    let written = clap_mangen::generate_to(cmd, dir).and_then(|()| {
-        let mut page = Vec::new();
-        main.render(&mut page)?;
-        page.extend_from_slice(MAN_EXTRA.as_bytes());
-        std::fs::write(&path, page)
-    });
-    match written {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("entrupy-tokenctl: cannot write the man pages into {}: {e}", dir.display());
-            ExitCode::from(1)
-        }
-    }
-}
-
 fn main() -> ExitCode {
-    if Generate::requested() {
-        return Generate::run();
+    if entrupy_tokend::generate::requested() {
+        return entrupy_tokend::generate::run(entrupy_tokend::generate::Request {
+            command: Cli::command(),
+            man_extra: MAN_EXTRA,
+            subcommand_pages: true,
+            usage_exit: 2,
+        });
     }
     let cli = match Cli::try_parse() {
         Ok(c) => c,

@@ -23,47 +23,16 @@ struct Cli {
     log_level: String,
 }
 
-/// Hidden flags for packagers, `--generate-man DIR` (writes entrupy-tokend.1) and
-/// `--generate-completions SHELL`. Parsed apart from [`Cli`] so that they stay out of the
-/// help, the man page and the completions.
-#[derive(Debug, Parser)]
-#[command(name = "entrupy-tokend")]
-struct Generate {
-    /// Write the man page into DIR.
-    #[arg(long, value_name = "DIR", exclusive = true)]
-    generate_man: Option<PathBuf>,
-    /// Print the completion script for SHELL.
-    #[arg(long, value_name = "SHELL", exclusive = true)]
-    generate_completions: Option<clap_complete::Shell>,
-}
-
-impl Generate {
-    /// Whether the command line asks for a generator.
-    fn requested() -> bool {
-        std::env::args_os().nth(1).is_some_and(|a| a.to_str().is_some_and(|a| a.starts_with("--generate-")))
-    }
-
-    fn run() -> ExitCode {
-        match Generate::try_parse() {
-            Ok(Generate { generate_man: Some(dir), .. }) => generate_man(&dir),
-            Ok(Generate { generate_completions: Some(shell), .. }) => {
-                clap_complete::generate(shell, &mut Cli::command(), "entrupy-tokend", &mut std::io::stdout());
-                ExitCode::SUCCESS
-            }
-            Ok(_) => ExitCode::from(1),
-            Err(e) => {
-                let _ = e.print();
-                ExitCode::from(1)
-            }
-        }
-    }
-}
-
 const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
-    if Generate::requested() {
-        return Generate::run();
+    if entrupy_tokend::generate::requested() {
+        return entrupy_tokend::generate::run(entrupy_tokend::generate::Request {
+            command: Cli::command(),
+            man_extra: MAN_EXTRA,
+            subcommand_pages: false,
+            usage_exit: 1,
+        });
     }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -164,24 +133,6 @@ the D\-Bus API, documented
 .SH "SEE ALSO"
 \fBentrupy\-tokenctl\fR(1), \fBsystemctl\fR(1), \fBjournalctl\fR(1), \fBbusctl\fR(1)
 "#;
-
-/// `--generate-man DIR`: writes `DIR/entrupy-tokend.1`.
-fn generate_man(dir: &std::path::Path) -> ExitCode {
-    let man = clap_mangen::Man::new(Cli::command());
-    let path = dir.join(man.get_filename());
-    let mut page = Vec::new();
-    let written = man.render(&mut page).and_then(|()| {
-        page.extend_from_slice(MAN_EXTRA.as_bytes());
-        std::fs::write(&path, page)
-    });
-    match written {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("entrupy-tokend: cannot write {}: {e}", path.display());
-            ExitCode::from(1)
-        }
-    }
-}
 
 /// SIGTERM/SIGINT cancel `shutdown`; SIGHUP asks for a reload.
 fn spawn_signal_handlers(
