@@ -12,15 +12,6 @@ use futures_util::StreamExt;
 
 const T: Duration = Duration::from_secs(20);
 
-async fn state_is(env: &Env, id: &str, want: &str) -> bool {
-    let s = env.session(id).await;
-    eventually(T, || {
-        let s = s.clone();
-        async move { s.state().await.map(|v| v == want).unwrap_or(false) }
-    })
-    .await
-}
-
 fn status(status: u16, body: Option<&str>, retry_after: Option<&str>) -> Fault {
     Fault::Status { status, body: body.map(str::to_owned), retry_after: retry_after.map(str::to_owned) }
 }

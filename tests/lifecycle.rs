@@ -12,16 +12,6 @@ use futures_util::StreamExt;
 
 const T: Duration = Duration::from_secs(20);
 
-async fn wait_state(env: &Env, id: &str, state: &str) {
-    let s = env.session(id).await;
-    let ok = eventually(T, || {
-        let s = s.clone();
-        async move { s.state().await.map(|v| v == state).unwrap_or(false) }
-    })
-    .await;
-    assert!(ok, "session {id} never reached {state}; it is {:?}", s.state().await);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_login_serves_a_valid_token_with_the_wire_format_of_the_spec() {
     let env = Env::with_lifetime(Duration::from_secs(120)).await;

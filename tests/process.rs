@@ -180,16 +180,6 @@ fn one_line_error(what: &str, out: &Output) -> String {
     err
 }
 
-async fn wait_state(env: &Env, id: &str, state: &str) {
-    let s = env.session(id).await;
-    let ok = eventually(T, || {
-        let s = s.clone();
-        async move { s.state().await.map(|v| v == state).unwrap_or(false) }
-    })
-    .await;
-    assert!(ok, "session {id} never reached {state}; it is {:?}", s.state().await);
-}
-
 async fn session_ids(env: &Env) -> Vec<String> {
     let paths = env.manager().await.list_sessions().await.unwrap();
     paths.iter().map(|p| p.to_string()).collect()

@@ -362,6 +362,24 @@ where
     }
 }
 
+/// Whether session `id` reaches `want` within 20 s.
+pub async fn state_is(env: &Env, id: &str, want: &str) -> bool {
+    let s = env.session(id).await;
+    eventually(Duration::from_secs(20), || {
+        let s = s.clone();
+        async move { s.state().await.map(|v| v == want).unwrap_or(false) }
+    })
+    .await
+}
+
+/// Waits for session `id` to reach `state`; fails the test after 20 s.
+pub async fn wait_state(env: &Env, id: &str, state: &str) {
+    if !state_is(env, id, state).await {
+        let now = env.session(id).await.state().await;
+        panic!("session {id} never reached {state}; it is {now:?}");
+    }
+}
+
 /// The short D-Bus error name of a failed call.
 pub fn err_name<T: std::fmt::Debug>(r: zbus::Result<T>) -> String {
     match r {
