@@ -162,6 +162,8 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub conn: Connection,
     pub tokend: PathBuf,
+    /// `RUST_LOG` for the daemon; `None` keeps its default (info).
+    pub log_filter: Option<String>,
 }
 
 impl Env {
@@ -169,7 +171,13 @@ impl Env {
         let bus = Bus::start()?;
         let sim = Simulator::start(sim).await?;
         let conn = connect(&bus.address).await?;
-        Ok(Env { bus, sim, dir: tempfile::tempdir()?, conn, tokend: tokend.to_owned() })
+        // ENTRUPY_BENCH_KEEP=1 keeps each section's directory (config, state, daemon logs).
+        let keep = std::env::var_os("ENTRUPY_BENCH_KEEP").is_some();
+        let dir = tempfile::Builder::new().prefix("entrupy-bench-").disable_cleanup(keep).tempdir()?;
+        if keep {
+            println!("      keeping {}", dir.path().display());
+        }
+        Ok(Env { bus, sim, dir, conn, tokend: tokend.to_owned(), log_filter: None })
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -213,10 +221,14 @@ impl Env {
     pub fn spawn(&self) -> Result<Tokend> {
         let n = SPAWNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self.path(&format!("tokend-{n}.log"));
-        let child = Command::new(&self.tokend)
+        let mut cmd = Command::new(&self.tokend);
+        cmd.env_clear();
+        if let Some(f) = &self.log_filter {
+            cmd.env("RUST_LOG", f);
+        }
+        let child = cmd
             .arg("--config")
             .arg(self.path("config.toml"))
-            .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", self.dir.path())
             .env("DBUS_SESSION_BUS_ADDRESS", &self.bus.address)

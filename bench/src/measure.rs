@@ -231,3 +231,10 @@ pub fn clk_tck() -> f64 {
 pub fn cpu_secs(s: &ProcSnap) -> f64 {
     s.ticks as f64 / clk_tck()
 }
+
+/// Resident memory split from `/proc/PID/smaps_rollup`: (anonymous KiB, file-backed KiB).
+pub fn rss_split(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let (rss, anon) = (field(&text, "Rss"), field(&text, "Anonymous"));
+    (anon, rss.saturating_sub(anon))
+}

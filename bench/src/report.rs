@@ -141,7 +141,7 @@ impl Report {
         ));
         out.push_str(&format!(
             "- Commands: `scripts/bench {}` (= `cargo build --release --workspace && {}`)\n\n",
-            self.args.iter().skip(1).filter(|a| !a.starts_with("--build-secs")).cloned().collect::<Vec<_>>().join(" "),
+            script_args(&self.args).join(" "),
             args.join(" ")
         ));
         out.push_str("Ratios compare two things measured in the same run, interleaved call by call (latency) or\n");
@@ -155,4 +155,18 @@ impl Report {
         out.push_str("```\n");
         out
     }
+}
+
+/// The arguments as given to `scripts/bench` (without the `--build-secs N` it adds).
+fn script_args(args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--build-secs" {
+            it.next();
+        } else if !a.starts_with("--build-secs=") {
+            out.push(a.clone());
+        }
+    }
+    out
 }

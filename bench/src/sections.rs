@@ -242,9 +242,27 @@ pub async fn throughput(s: &Settings, rep: &mut Report) -> Result<()> {
     let (mut errors, mut errors_hang) = (0, 0);
     let (mut daemon_rates, mut min_rates) = (Vec::new(), Vec::new());
     for i in 0..s.repeat {
+        let s0 = snap(_mm.pid())?;
         let a = measure::throughput(&addr, &mt, s.clients, s.tput_secs).await?;
+        let s1 = snap(_mm.pid())?;
+        let d0 = snap(d.pid)?;
         let b = measure::throughput(&addr, &dt, s.clients, s.tput_secs).await?;
+        let d1 = snap(d.pid)?;
+        let c0 = snap(_mc.pid())?;
         let c = measure::throughput(&addr, &ct, s.clients, s.tput_secs).await?;
+        let c1 = snap(_mc.pid())?;
+        // Service CPU per answered call (schedstat of all threads), the cost behind the rate.
+        let per_call = |x: &measure::ProcSnap, y: &measure::ProcSnap, t: &measure::Throughput| {
+            measure::idle(x, y).cpu_ms_per_min_sched / 60.0 * y.at.duration_since(x.at).as_secs_f64() * 1e3
+                / (t.calls_per_s * s.tput_secs)
+        };
+        rep.detail(format!(
+            "throughput repeat {}: service CPU per call: minimal(multi) {:.1} us, daemon {:.1} us, minimal(current) {:.1} us",
+            i + 1,
+            per_call(&s0, &s1, &a),
+            per_call(&d0, &d1, &b),
+            per_call(&c0, &c1, &c)
+        ));
         // A login that hangs upstream, with a Refresh waiting on it.
         let before = env.sim.counters().login_requests;
         env.sim.push_fault(Endpoint::Login, Fault::Hang, 1);
@@ -361,6 +379,17 @@ pub async fn idle(s: &Settings, rep: &mut Report) -> Result<()> {
     let (a, ra) = (snap(d.pid)?, snap(reference.pid())?);
     let i = measure::idle(&b, &a);
     let ri = measure::idle(&rb, &ra);
+    let (anon, file) = measure::rss_split(d.pid);
+    let (ranon, rfile) = measure::rss_split(reference.pid());
+    rep.detail(format!(
+        "idle: RSS split (smaps_rollup): daemon {:.1} MiB anonymous + {:.1} MiB file-backed (binary, libraries); \
+         reference minimal service {:.1} + {:.1} MiB (RSS {:.1} MiB)",
+        anon as f64 / MIB,
+        file as f64 / MIB,
+        ranon as f64 / MIB,
+        rfile as f64 / MIB,
+        ra.rss_kib as f64 / MIB
+    ));
     rep.detail(format!(
         "idle: {:.1} s window, threads {} -> {}; {:.2} voluntary + {:.2} involuntary switches/min (main thread {:.2}); \
          CPU {:.3} ms/min (schedstat), {:.1} ms/min (utime+stime ticks); reference minimal service (current-thread): \
@@ -436,7 +465,9 @@ pub async fn idle(s: &Settings, rep: &mut Report) -> Result<()> {
 
 pub async fn scale(s: &Settings, rep: &mut Report) -> Result<()> {
     let n = s.sessions;
-    let env = Env::new(SimConfig::default(), &s.tokend).await?;
+    let mut env = Env::new(SimConfig::default(), &s.tokend).await?;
+    // One extra debug line per refresh (`login attempt`), for the daemon-side figure 5b'.
+    env.log_filter = Some("info,entrupy_tokend::session=debug".into());
     env.write_config(&Cfg { sessions: Vec::new(), ..Cfg::one_session() })?;
     // The state of sessions added over D-Bus (`AddSession` persists the profile with the
     // record): what a daemon with many sessions finds at start.
@@ -505,6 +536,12 @@ pub async fn scale(s: &Settings, rep: &mut Report) -> Result<()> {
         tokio::time::sleep(Duration::from_secs_f64(before_first)).await;
     }
     let loaded = snap(d.pid)?;
+    let (anon, file) = measure::rss_split(d.pid);
+    rep.detail(format!(
+        "scale: RSS split when loaded: {:.1} MiB anonymous + {:.1} MiB file-backed",
+        anon as f64 / MIB,
+        file as f64 / MIB
+    ));
     rep.detail(format!(
         "scale: loaded, before the first refresh: RSS {:.1} MiB, VmHWM {:.1} MiB, threads {}, CPU so far {:.2} s",
         loaded.rss_kib as f64 / MIB,
@@ -559,6 +596,20 @@ pub async fn scale(s: &Settings, rep: &mut Report) -> Result<()> {
          simulator receiving the session's /sign request (so it includes the daemon persisting the login \
          reservation with fsync, and the HTTP connection)",
     );
+    // The daemon's own view: its "login attempt" log line (info) for each session.
+    let by_id: HashMap<String, f64> =
+        planned.iter().filter_map(|(uid, at)| Some((format!("s{}", uid.strip_prefix("bench-user-")?), *at))).collect();
+    let mut timer_ms = attempt_lateness(&d.log, &by_id);
+    let (t50, t99, tmax) = (pct_f(&mut timer_ms, 0.5), pct_f(&mut timer_ms, 0.99), pct_f(&mut timer_ms, 1.0));
+    rep.figure(
+        "5b'",
+        "same, at the daemon: its `login attempt` log line after the planned instant, p99",
+        "<= 100 ms",
+        format!("{t99:.1} ms (p50 {t50:.1}, max {tmax:.1}; {} lines)", timer_ms.len()),
+        Some(t99 <= 100.0 && timer_ms.len() == n),
+        "timestamp of the daemon's debug line `login attempt` (RUST_LOG=info,entrupy_tokend::session=debug in this section) (written when the session's task starts the \
+         attempt, before the reservation is persisted) minus the planned refresh_at",
+    );
     let cpu = measure::cpu_secs(&done) - measure::cpu_secs(&loaded);
     let window = done.at.duration_since(loaded.at).as_secs_f64();
     rep.figure(
@@ -610,6 +661,25 @@ pub async fn scale(s: &Settings, rep: &mut Report) -> Result<()> {
     d.stop();
     rep.detail(format!("scale: SIGTERM to exit with {n} sessions: {:.0} ms", t.elapsed().as_secs_f64() * 1e3));
     Ok(())
+}
+
+/// For each session id in `planned`, the delay (ms) of its first `login attempt` log line
+/// after the planned instant. Log lines look like
+/// `2026-01-01T10:00:00.123456Z  INFO session{session=s00042}: login attempt attempt=1 asked=false`.
+fn attempt_lateness(log: &std::path::Path, planned: &HashMap<String, f64>) -> Vec<f64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| l.contains("login attempt")) {
+        let Some(stamp) = line.split_whitespace().next() else { continue };
+        let Ok(t) = chrono::DateTime::parse_from_rfc3339(stamp) else { continue };
+        let Some(id) = line.split("session=").nth(1).and_then(|r| r.split(['}', ' ', ':']).next()) else { continue };
+        let Some(at) = planned.get(id) else { continue };
+        if seen.insert(id.to_owned()) {
+            out.push((t.timestamp_micros() as f64 / 1e6 - at) * 1e3);
+        }
+    }
+    out
 }
 
 // ------------------------------------------------------------------------------------------
