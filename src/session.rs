@@ -764,8 +764,11 @@ pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shar
     if core.mode == Mode::Active && !has_backend && core.token.is_none() {
         core.mode = Mode::LoggedOut;
     }
-    let (tx, rx) = mpsc::channel(1024);
-    let (events, _) = broadcast::channel(64);
+    // Small buffers: a daemon may hold 10,000 sessions, and a broadcast channel allocates its
+    // whole capacity up front. Events are rare and the one subscriber (the bus publisher)
+    // takes them at once; commands beyond the buffer wait for room, they are not lost.
+    let (tx, rx) = mpsc::channel(64);
+    let (events, _) = broadcast::channel(8);
     let snap = build_snapshot(&settings, &core, &shared, now);
     let (snapshot_tx, snapshot_rx) = watch::channel(snap);
     let handle = SessionHandle {
@@ -868,22 +871,23 @@ impl Task {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None => {
-                        self.stop(false).await;
+                        Box::pin(self.stop(false)).await;
                         return;
                     }
                     Some(Command::Stop { forget, done }) => {
-                        self.stop(forget).await;
+                        Box::pin(self.stop(forget)).await;
                         let _ = done.send(());
                         return;
                     }
-                    Some(cmd) => self.handle(cmd).await,
+                    // Boxed, so the idle task's future stays small (10,000 of them may rest).
+                    Some(cmd) => Box::pin(self.handle(cmd)).await,
                 },
                 result = async {
                     match self.attempt.as_mut() {
                         Some(a) => (&mut a.fut).await,
                         None => std::future::pending().await,
                     }
-                } => self.finish(result).await,
+                } => Box::pin(self.finish(result)).await,
                 _ = &mut sleep, if wake.is_some() => {}
             }
         }
@@ -1299,10 +1303,14 @@ struct AttemptCtx {
 /// refreshes, an Entrupy 401 gets one more fresh signed request at once).
 async fn run_attempt(kind: AttemptKind, ctx: AttemptCtx) -> Result<Success, AttemptError> {
     let p = &ctx.profile;
-    // The reservation is on disk before the request leaves: a crash cannot lose a login.
-    ctx.shared.persist_logins(&p.unique_user_id).await;
+    // The budget reservation is on disk before the login request leaves, so a crash cannot
+    // lose a login. Signing costs no login, so the write overlaps the signing request.
+    let mut reservation = Some(Box::pin(ctx.shared.persist_logins(&p.unique_user_id)));
     match kind {
         AttemptKind::Signed(signed) => {
+            if let Some(r) = reservation.take() {
+                r.await;
+            }
             let login = ctx.clients.login(&signed, ctx.clock.now()).await.map_err(AttemptError::Http)?;
             let received_at = ctx.clock.now();
             let username = login.username.clone();
@@ -1329,7 +1337,12 @@ async fn run_attempt(kind: AttemptKind, ctx: AttemptCtx) -> Result<Success, Atte
                     last_name: p.last_name.as_deref(),
                     credential: credential.as_ref(),
                 };
-                let signed = match ctx.clients.sign(&req).await {
+                let sign = ctx.clients.sign(&req);
+                let signed = match reservation.take() {
+                    Some(r) => tokio::join!(r, sign).1,
+                    None => sign.await,
+                };
+                let signed = match signed {
                     None => return Err(AttemptError::NotConfigured),
                     Some(r) => r.map_err(AttemptError::Http)?,
                 };
