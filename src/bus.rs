@@ -10,8 +10,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{broadcast, watch};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
@@ -20,7 +19,7 @@ use zbus::{Connection, interface};
 use crate::clock::Clock;
 use crate::error::{ApiError, Error, ErrorName};
 use crate::names;
-use crate::session::{SessionEvent, SessionHandle, Snapshot};
+use crate::session::{SessionEvent, SessionHandle, Snapshot, Update};
 
 /// Longest string accepted from a D-Bus caller (a signed request can be long; 64 KiB).
 pub const MAX_ARG_BYTES: usize = 64 * 1024;
@@ -564,59 +563,60 @@ impl Notifier {
     }
 }
 
-/// Emits a session's `PropertiesChanged` and signals until `cancel` fires or the session
-/// ends.
-pub async fn publish(
+/// The one publisher of the daemon: turns every session's [`Update`]s into
+/// `PropertiesChanged` (only the properties that changed) and signals, in the order the
+/// sessions sent them, until the channel closes. It keeps each session's last snapshot to
+/// compare against.
+pub async fn publisher(
     conn: Connection,
-    path: OwnedObjectPath,
-    mut snapshots: watch::Receiver<Snapshot>,
-    mut events: broadcast::Receiver<SessionEvent>,
+    mut updates: mpsc::UnboundedReceiver<Update>,
     notifier: Option<Arc<Notifier>>,
-    cancel: CancellationToken,
 ) {
-    let session_id = snapshots.borrow().id.clone();
-    let emitter = SignalEmitter::from_parts(conn, path.into());
-    let mut last = property_values(&snapshots.borrow_and_update());
-    loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            changed = snapshots.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let current = property_values(&snapshots.borrow_and_update());
-                let changed: HashMap<&str, Value<'_>> = current
-                    .iter()
-                    .zip(last.iter())
-                    .filter(|(a, b)| a.1 != b.1)
-                    .map(|(a, _)| (a.0, a.1.clone()))
-                    .collect();
-                if !changed.is_empty() {
-                    let iface = zbus::names::InterfaceName::from_static_str_unchecked(names::SESSION_INTERFACE);
-                    if let Err(e) = zbus::fdo::Properties::properties_changed(&emitter, iface, changed, Cow::Borrowed(&[])).await {
-                        tracing::debug!(error = %e, "cannot emit PropertiesChanged");
-                    }
-                }
-                last = current;
+    let mut last: HashMap<String, Snapshot> = HashMap::new();
+    while let Some(update) = updates.recv().await {
+        match update {
+            Update::Attached(s) => {
+                last.insert(s.id.clone(), s);
             }
-            ev = events.recv() => {
-                let res = match ev {
-                    Ok(SessionEvent::LoginSucceeded(exp)) => SessionObject::login_succeeded(&emitter, secs(exp)).await,
-                    Ok(SessionEvent::LoginFailed(code, desc)) => SessionObject::login_failed(&emitter, &code, &desc).await,
-                    Ok(SessionEvent::AuthorizationExpired) => SessionObject::authorization_expired(&emitter).await,
-                    Ok(SessionEvent::ReauthorizationRequired) => {
+            Update::Detached(id) => {
+                last.remove(&id);
+            }
+            Update::Changed(s) => {
+                let current = property_values(&s);
+                let changed: HashMap<&str, Value<'_>> = match last.get(&s.id) {
+                    Some(prev) => current
+                        .into_iter()
+                        .zip(property_values(prev))
+                        .filter(|(a, b)| a.1 != b.1)
+                        .map(|(a, _)| a)
+                        .collect(),
+                    None => current.into_iter().collect(),
+                };
+                let emitter = emitter_for(&conn, &s.id);
+                last.insert(s.id.clone(), s);
+                if changed.is_empty() {
+                    continue;
+                }
+                let Some(emitter) = emitter else { continue };
+                let iface = zbus::names::InterfaceName::from_static_str_unchecked(names::SESSION_INTERFACE);
+                if let Err(e) =
+                    zbus::fdo::Properties::properties_changed(&emitter, iface, changed, Cow::Borrowed(&[])).await
+                {
+                    tracing::debug!(error = %e, "cannot emit PropertiesChanged");
+                }
+            }
+            Update::Event(id, event) => {
+                let Some(emitter) = emitter_for(&conn, &id) else { continue };
+                let res = match event {
+                    SessionEvent::LoginSucceeded(exp) => SessionObject::login_succeeded(&emitter, secs(exp)).await,
+                    SessionEvent::LoginFailed(code, desc) => SessionObject::login_failed(&emitter, &code, &desc).await,
+                    SessionEvent::AuthorizationExpired => SessionObject::authorization_expired(&emitter).await,
+                    SessionEvent::ReauthorizationRequired => {
                         if let Some(n) = notifier.clone() {
-                            let id = session_id.clone();
                             tokio::spawn(async move { n.reauthorization_required(&id).await });
                         }
                         SessionObject::reauthorization_required(&emitter).await
                     }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "signal publisher fell behind");
-                        Ok(())
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
                 };
                 if let Err(e) = res {
                     tracing::debug!(error = %e, "cannot emit a signal");
@@ -624,6 +624,11 @@ pub async fn publish(
             }
         }
     }
+}
+
+fn emitter_for<'a>(conn: &Connection, id: &str) -> Option<SignalEmitter<'a>> {
+    let path = zbus::zvariant::ObjectPath::try_from(names::session_path(id)).ok()?;
+    Some(SignalEmitter::from_parts(conn.clone(), path))
 }
 
 /// Maps an [`ApiError`] to the bus error (used where `?` cannot see the conversion).

@@ -53,7 +53,6 @@ impl RunError {
 struct Entry {
     handle: SessionHandle,
     from_dbus: bool,
-    publisher: CancellationToken,
 }
 
 struct Inner {
@@ -120,32 +119,17 @@ impl Daemon {
         Settings { profile, params: Params::from_config(&inner.config), clients: inner.clients.clone() }
     }
 
-    /// Serves a session's object and starts its publisher.
-    async fn attach(&self, handle: SessionHandle) -> Result<CancellationToken, zbus::Error> {
+    /// Serves a session's object (its changes reach the bus through the one publisher).
+    async fn attach(&self, handle: SessionHandle) -> Result<(), zbus::Error> {
         let path = names::session_path(&handle.id);
-        let obj = SessionObject::new(
-            handle.clone(),
-            self.access.clone(),
-            self.shared.device_id.clone(),
-            self.shared.clock.clone(),
-        );
-        let events = handle.subscribe();
+        let obj =
+            SessionObject::new(handle, self.access.clone(), self.shared.device_id.clone(), self.shared.clock.clone());
         self.conn.object_server().at(path.as_str(), obj).await?;
-        let cancel = CancellationToken::new();
-        let opath = zbus::zvariant::OwnedObjectPath::try_from(path).map_err(zbus::Error::from)?;
-        tokio::spawn(crate::bus::publish(
-            self.conn.clone(),
-            opath,
-            handle.watch(),
-            events,
-            Some(self.notifier.clone()),
-            cancel.clone(),
-        ));
-        Ok(cancel)
+        Ok(())
     }
 
-    async fn detach(&self, id: &str, entry: &Entry) {
-        entry.publisher.cancel();
+    async fn detach(&self, id: &str) {
+        let _ = self.shared.updates.send(session::Update::Detached(id.to_owned()));
         let path = names::session_path(id);
         if let Err(e) = self.conn.object_server().remove::<SessionObject, _>(path.as_str()).await {
             warn!(session = id, error = %e, "cannot remove the session's object");
@@ -163,8 +147,8 @@ impl Daemon {
         let settings = self.settings(inner, profile);
         let handle = session::spawn(settings, record, self.shared.clone());
         match self.attach(handle.clone()).await {
-            Ok(publisher) => {
-                inner.sessions.insert(id, Entry { handle, from_dbus, publisher });
+            Ok(()) => {
+                inner.sessions.insert(id, Entry { handle, from_dbus });
                 Ok(())
             }
             Err(e) => {
@@ -233,7 +217,7 @@ impl Daemon {
             if let Some(e) = inner.sessions.remove(&id) {
                 info!(session = %id, "session removed from the configuration");
                 e.handle.stop(false).await;
-                self.detach(&id, &e).await;
+                self.detach(&id).await;
             }
         }
         for (id, sc) in &wanted {
@@ -280,9 +264,6 @@ impl Daemon {
         let entries: Vec<(String, Entry)> = std::mem::take(&mut inner.sessions).into_iter().collect();
         let stops = entries.iter().map(|(_, e)| e.handle.stop(false));
         futures_util::future::join_all(stops).await;
-        for (_, e) in &entries {
-            e.publisher.cancel();
-        }
     }
 }
 
@@ -339,7 +320,7 @@ impl Registry for Daemon {
             return Err(crate::bus::no_such_session(id));
         };
         entry.handle.stop(true).await;
-        self.detach(id, &entry).await;
+        self.detach(id).await;
         info!(session = id, "session removed");
         Ok(())
     }
@@ -424,10 +405,12 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
         None => (crate::authreq::random_hex128(), Default::default(), Default::default()),
     };
     let clients = build_clients(&config).map_err(RunError::Other)?;
+    let (updates_tx, updates_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         store,
         logins: std::sync::Mutex::new(logins.into_iter().collect()),
         logins_write: std::sync::Mutex::new(()),
+        updates: updates_tx,
         device_id,
         clock: clock.clone(),
     });
@@ -445,12 +428,14 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
     let unavailable = |e: zbus::Error| RunError::Unavailable(format!("cannot reach the D-Bus session bus: {e}"));
     let conn = builder.map_err(unavailable)?.build().await.map_err(unavailable)?;
 
+    let notifier = Arc::new(Notifier::new(conn.clone(), config.notify.enabled));
+    tokio::spawn(crate::bus::publisher(conn.clone(), updates_rx, Some(notifier.clone())));
     let access = Arc::new(Access::new());
     access.set_token_executables(config.access.token_executables.clone());
     let daemon = Arc::new(Daemon {
         shared,
         access,
-        notifier: Arc::new(Notifier::new(conn.clone(), config.notify.enabled)),
+        notifier,
         conn: conn.clone(),
         inner: tokio::sync::Mutex::new(Inner { config: config.clone(), clients, sessions: BTreeMap::new() }),
     });

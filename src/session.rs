@@ -14,7 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument, debug, info, warn};
 
 use crate::clock::{Clock, fmt_time, until};
@@ -480,6 +480,20 @@ pub enum SessionEvent {
     ReauthorizationRequired,
 }
 
+/// What sessions tell the bus layer, in order, through one channel shared by all of them
+/// (one publisher for the whole daemon keeps a resting session cheap).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// A session appeared with this snapshot: the baseline for change detection.
+    Attached(Snapshot),
+    /// A session's snapshot changed.
+    Changed(Snapshot),
+    /// A session's signal.
+    Event(String, SessionEvent),
+    /// A session is gone (sent by the daemon after the task stopped).
+    Detached(String),
+}
+
 /// Settings a session runs with; replaced on reload.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -504,6 +518,8 @@ pub struct Shared {
     pub device_id: String,
     /// The wall clock.
     pub clock: Clock,
+    /// Where snapshots changes and signals go (the bus publisher).
+    pub updates: mpsc::UnboundedSender<Update>,
 }
 
 impl Shared {
@@ -599,9 +615,8 @@ pub enum Command {
 pub struct SessionHandle {
     /// Session id.
     pub id: String,
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::Sender<Box<Command>>,
     snapshot: watch::Receiver<Snapshot>,
-    events: broadcast::Sender<SessionEvent>,
     clock: Clock,
 }
 
@@ -620,11 +635,6 @@ impl SessionHandle {
         self.snapshot.clone()
     }
 
-    /// A receiver of the session's signals.
-    pub fn subscribe(&self) -> broadcast::Receiver<SessionEvent> {
-        self.events.subscribe()
-    }
-
     /// `IsAuthorizationValid()`, from the wall clock and the snapshot.
     pub fn is_valid(&self) -> bool {
         self.snapshot.borrow().valid(self.clock.now())
@@ -641,7 +651,7 @@ impl SessionHandle {
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ApiError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| gone())?;
+        self.tx.send(Box::new(make(tx))).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
     }
 
@@ -672,12 +682,12 @@ impl SessionHandle {
 
     /// Asks the session to look at the wall clock again; never waits.
     pub fn wake(&self) {
-        let _ = self.tx.try_send(Command::Wake);
+        let _ = self.tx.try_send(Box::new(Command::Wake));
     }
 
     /// Tells the session the network is back; never waits.
     pub fn network_up(&self) {
-        let _ = self.tx.try_send(Command::NetworkUp);
+        let _ = self.tx.try_send(Box::new(Command::NetworkUp));
     }
 
     /// Applies new settings.
@@ -737,11 +747,13 @@ struct Task {
     /// `LoginWithSignedRequest` callers waiting for their turn.
     signed_queue: VecDeque<(Secret, oneshot::Sender<Result<f64, ApiError>>)>,
     snapshot_tx: watch::Sender<Snapshot>,
-    events: broadcast::Sender<SessionEvent>,
     /// Modification stamp of the credential file at the last rejection.
     credential_stamp: Option<(i64, i64, u64, u64)>,
     /// Pacing was announced in the log (once per episode).
     pacing_logged: bool,
+    /// The last save failed (full disk, read-only directory): retried at the next change
+    /// and at shutdown.
+    unsaved: bool,
 }
 
 fn file_stamp(src: &CredentialSource) -> Option<(i64, i64, u64, u64)> {
@@ -764,20 +776,15 @@ pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shar
     if core.mode == Mode::Active && !has_backend && core.token.is_none() {
         core.mode = Mode::LoggedOut;
     }
-    // Small buffers: a daemon may hold 10,000 sessions, and a broadcast channel allocates its
-    // whole capacity up front. Events are rare and the one subscriber (the bus publisher)
-    // takes them at once; commands beyond the buffer wait for room, they are not lost.
+    // Boxed commands: tokio allocates a channel's first block of 32 slots up front, and a
+    // daemon may hold 10,000 resting sessions. Commands beyond the buffer wait for room.
     let (tx, rx) = mpsc::channel(64);
-    let (events, _) = broadcast::channel(8);
     let snap = build_snapshot(&settings, &core, &shared, now);
+    // The baseline goes out before the task can send a change.
+    let _ = shared.updates.send(Update::Attached(snap.clone()));
     let (snapshot_tx, snapshot_rx) = watch::channel(snap);
-    let handle = SessionHandle {
-        id: settings.profile.id.clone(),
-        tx,
-        snapshot: snapshot_rx,
-        events: events.clone(),
-        clock: shared.clock.clone(),
-    };
+    let handle =
+        SessionHandle { id: settings.profile.id.clone(), tx, snapshot: snapshot_rx, clock: shared.clock.clone() };
     let span = tracing::info_span!(
         "session",
         session = %settings.profile.id,
@@ -790,9 +797,9 @@ pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shar
         attempt: None,
         signed_queue: VecDeque::new(),
         snapshot_tx,
-        events,
         credential_stamp: None,
         pacing_logged: false,
+        unsaved: false,
     };
     tokio::spawn(task.run(rx).instrument(span));
     handle
@@ -851,9 +858,9 @@ impl Task {
         h
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Box<Command>>) {
         if self.core.token.is_some() || self.core.mode == Mode::Active {
-            info!(
+            debug!(
                 state = self.core.state(self.now()).as_str(),
                 expires_at = self.core.expires_at.map(fmt_time),
                 "session loaded"
@@ -869,7 +876,7 @@ impl Task {
                 tokio::time::sleep(wake.map(|w| until(now, w)).unwrap_or(std::time::Duration::from_secs(86_400)));
             tokio::pin!(sleep);
             tokio::select! {
-                cmd = rx.recv() => match cmd {
+                cmd = rx.recv() => match cmd.map(|c| *c) {
                     None => {
                         Box::pin(self.stop(false)).await;
                         return;
@@ -914,19 +921,24 @@ impl Task {
     /// Publishes the snapshot first, so a client reacting to the signal reads the new state.
     fn emit(&self, now: f64, ev: SessionEvent) {
         self.publish(now);
-        let _ = self.events.send(ev);
+        let _ = self.shared.updates.send(Update::Event(self.settings.profile.id.clone(), ev));
     }
 
     fn publish(&self, now: f64) {
         let snap = build_snapshot(&self.settings, &self.core, &self.shared, now);
+        let mut changed = None;
         self.snapshot_tx.send_if_modified(|old| {
             if *old != snap {
+                changed = Some(snap.clone());
                 *old = snap;
                 true
             } else {
                 false
             }
         });
+        if let Some(s) = changed {
+            let _ = self.shared.updates.send(Update::Changed(s));
+        }
     }
 
     /// Starts an attempt, reserving a login slot first. Returns the waiters back when the
@@ -1094,7 +1106,9 @@ impl Task {
                     Err(e) => tracing::error!(error = %e, "state writer failed"),
                 }
             }
-        } else {
+        } else if self.unsaved {
+            // Every change is saved when it happens; only a failed save is retried here, so
+            // a daemon with 10,000 sessions stops without 10,000 writes.
             self.persist().await;
         }
     }
@@ -1256,11 +1270,18 @@ impl Task {
             last_error: self.core.last_error.map(|e| e.as_str().to_owned()),
             logged_out: self.core.cleaned_up,
         };
-        match tokio::task::spawn_blocking(move || store.save_session(&rec)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot save the session's state; it is kept in memory"),
-            Err(e) => tracing::error!(error = %e, "state writer failed"),
-        }
+        let saved = match tokio::task::spawn_blocking(move || store.save_session(&rec)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot save the session's state; it is kept in memory");
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "state writer failed");
+                false
+            }
+        };
+        self.unsaved = !saved;
     }
 }
 
