@@ -32,6 +32,11 @@ impl Clock {
         self.offset_ms.fetch_add(ms, Ordering::Relaxed);
     }
 
+    /// This clock's time `t` on the system's wall clock (they differ by the test offset).
+    pub fn to_system(&self, t: f64) -> f64 {
+        t - self.offset_ms.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+
     /// Sets the offset from the system clock.
     pub fn set_offset_ms(&self, ms: i64) {
         self.offset_ms.store(ms, Ordering::Relaxed);

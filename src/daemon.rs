@@ -20,7 +20,7 @@ use crate::http::{self, Clients};
 use crate::names;
 use crate::session::{self, Credential, Params, Profile, SessionHandle, Settings, Shared};
 use crate::store::{SessionRecord, Store, StoredProfile};
-use crate::watch::{Outside, SystemBus};
+use crate::watch::{Outside, SystemBus, WallEvent, WallTimer};
 
 /// Most sessions one daemon serves; `AddSession` beyond it is refused.
 pub const MAX_SESSIONS: usize = 20_000;
@@ -163,6 +163,19 @@ impl Daemon {
         let inner = self.inner.lock().await;
         for e in inner.sessions.values() {
             e.handle.wake();
+        }
+    }
+
+    /// The periodic sweep: wakes only the sessions whose wall-clock deadline passed unseen
+    /// (a late monotonic timer after a suspend) or that wait for a credential change; a
+    /// resting session costs nothing.
+    pub async fn sweep(&self) {
+        let now = self.shared.clock.now();
+        let inner = self.inner.lock().await;
+        for e in inner.sessions.values() {
+            if e.handle.needs_sweep(now) {
+                e.handle.wake();
+            }
         }
     }
 
@@ -491,7 +504,6 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
 
     let (outside_tx, mut outside_rx) = mpsc::unbounded_channel();
     tokio::spawn(crate::watch::system_bus(controls.system_bus.clone(), outside_tx.clone()));
-    tokio::spawn(crate::watch::clock_changes(outside_tx.clone()));
     if let Some(mut extra) = controls.outside.take() {
         let tx = outside_tx.clone();
         tokio::spawn(async move {
@@ -510,10 +522,23 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
         .then(|| std::time::Duration::from_micros(watchdog_usec / 2))
         .filter(|d| !d.is_zero());
     let mut watchdog_tick = watchdog.map(tokio::time::interval);
+    // The sweep runs on the wall clock (a timerfd); where there is none, on tokio's timer.
+    let wall = match WallTimer::new() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "no wall-clock timer: the sweep uses a monotonic timer and clock changes go unnoticed");
+            None
+        }
+    };
     loop {
         let now = clock.now();
         let next = crate::schedule::next_after(&cron, now).unwrap_or(now + crate::schedule::MAX_SLEEP_SECS);
         let sleep = until(now, next.min(now + crate::schedule::MAX_SLEEP_SECS));
+        if let Some(w) = &wall
+            && let Err(e) = w.arm(clock.to_system(next))
+        {
+            warn!(error = %e, "cannot arm the wall-clock timer");
+        }
         tokio::select! {
             _ = controls.shutdown.cancelled() => break,
             msg = controls.reload.recv() => {
@@ -539,13 +564,26 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
                 Outside::Resumed | Outside::ClockChanged => daemon.wake_all().await,
                 Outside::NetworkUp => daemon.network_up().await,
             },
-            _ = tokio::time::sleep(sleep) => {
-                if clock.now() + 0.5 >= next {
+            event = async {
+                match &wall {
+                    Some(w) => w.wait().await.unwrap_or(WallEvent::Due),
+                    None => {
+                        tokio::time::sleep(sleep).await;
+                        WallEvent::Due
+                    }
+                }
+            } => match event {
+                WallEvent::ClockChanged => {
+                    info!("the wall clock was changed");
                     daemon.wake_all().await;
+                }
+                WallEvent::Due if clock.now() + 0.5 >= next => {
+                    daemon.sweep().await;
                     let status = daemon.status_line().await;
                     notify(&[sd_notify::NotifyState::Status(&status)]);
                 }
-            }
+                WallEvent::Due => {}
+            },
             _ = async {
                 match watchdog_tick.as_mut() {
                     Some(t) => { t.tick().await; }

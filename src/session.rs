@@ -680,6 +680,15 @@ impl SessionHandle {
         self.ask(Command::Cleanup).await
     }
 
+    /// Whether the sweep at `now` must wake this session: a deadline (expiry, planned
+    /// attempt) passed without the session noticing, or it waits for a credential change.
+    pub fn needs_sweep(&self, now: f64) -> bool {
+        let s = self.snapshot.borrow();
+        let expiry_missed = s.valid && s.expires_at.is_some_and(|e| now >= e);
+        let attempt_missed = s.refresh_at > 0.0 && now >= s.refresh_at && s.state != State::Refreshing;
+        expiry_missed || attempt_missed || matches!(s.state, State::NeedsReauthorization | State::Failed)
+    }
+
     /// Asks the session to look at the wall clock again; never waits.
     pub fn wake(&self) {
         let _ = self.tx.try_send(Box::new(Command::Wake));

@@ -1,7 +1,7 @@
 //! Outside events that tell the daemon to look at the wall clock again or retry now:
 //! logind's `PrepareForSleep(false)` (resume) and NetworkManager's `StateChanged` (network
-//! back) on the system bus, and changes of the wall clock itself (a `CLOCK_REALTIME` timerfd
-//! armed with `TFD_TIMER_CANCEL_ON_SET`, which the kernel cancels whenever the clock is set).
+//! back) on the system bus, and the [`WallTimer`] that drives the sweep on the wall clock and
+//! reports changes of the clock itself (`TFD_TIMER_CANCEL_ON_SET`).
 //!
 //! None of them is relied on alone: the cron sweep and each session's own timer still run.
 //! Each watcher costs no wakeup while nothing happens.
@@ -108,70 +108,65 @@ pub async fn system_bus(which: SystemBus, tx: mpsc::UnboundedSender<Outside>) {
     }
 }
 
-/// Reports every change of the wall clock until `tx` closes. Returns at once (logged) when
-/// timerfds are not available.
-pub async fn clock_changes(tx: mpsc::UnboundedSender<Outside>) {
-    use rustix::time::{Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec};
-    let fd =
-        match rustix::time::timerfd_create(TimerfdClockId::Realtime, TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC) {
-            Ok(fd) => fd,
-            Err(e) => {
-                debug!(error = %e, "no timerfd: clock changes are caught by the sweep only");
-                return;
-            }
-        };
-    let arm = |fd: &rustix::fd::OwnedFd| -> rustix::io::Result<()> {
-        // An absolute expiry a year ahead: it never fires in practice, but the kernel
-        // cancels it (ECANCELED on read) whenever the realtime clock is set.
-        let now = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+/// What a [`WallTimer`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WallEvent {
+    /// The wall-clock instant it was armed for has come.
+    Due,
+    /// The wall clock was set; the timer must be armed again.
+    ClockChanged,
+}
+
+/// A timer on the wall clock: a `CLOCK_REALTIME` timerfd armed at an absolute time with
+/// `TFD_TIMER_CANCEL_ON_SET`. Unlike tokio's monotonic timers it fires at the right wall time
+/// after a suspend, wakes the process exactly once (tokio's timer wheel steps a 60 s timer
+/// down through its levels, three wakeups a minute), and reports clock changes.
+#[derive(Debug)]
+pub struct WallTimer {
+    fd: AsyncFd<rustix::fd::OwnedFd>,
+}
+
+impl WallTimer {
+    /// A new, unarmed timer; fails where timerfds are not available.
+    pub fn new() -> std::io::Result<WallTimer> {
+        use rustix::time::{TimerfdClockId, TimerfdFlags};
+        let fd =
+            rustix::time::timerfd_create(TimerfdClockId::Realtime, TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC)?;
+        // `AsyncFd::new` is deprecated because an arbitrary `AsRawFd` may change its fd behind
+        // tokio's back; an `OwnedFd` owned by the `AsyncFd` cannot, so the safe constructor is
+        // sound here (the replacement, `register`, is `unsafe`, which this crate denies).
+        #[allow(deprecated)]
+        let fd = AsyncFd::new(fd)?;
+        Ok(WallTimer { fd })
+    }
+
+    /// Arms the timer for `at`, Unix seconds on the system's wall clock.
+    pub fn arm(&self, at: f64) -> std::io::Result<()> {
+        use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec};
+        let at = if at.is_finite() { at.max(1.0) } else { 1.0 };
         let spec = Itimerspec {
             it_interval: Timespec { tv_sec: 0, tv_nsec: 0 },
-            it_value: Timespec { tv_sec: now.tv_sec + 365 * 86_400, tv_nsec: 0 },
+            it_value: Timespec { tv_sec: at.floor() as i64, tv_nsec: ((at.fract()) * 1e9) as i64 },
         };
-        rustix::time::timerfd_settime(fd, TimerfdTimerFlags::ABSTIME | TimerfdTimerFlags::CANCEL_ON_SET, &spec)
-            .map(|_| ())
-    };
-    if let Err(e) = arm(&fd) {
-        debug!(error = %e, "cannot arm the clock-change timer");
-        return;
+        rustix::time::timerfd_settime(
+            self.fd.get_ref(),
+            TimerfdTimerFlags::ABSTIME | TimerfdTimerFlags::CANCEL_ON_SET,
+            &spec,
+        )?;
+        Ok(())
     }
-    // `AsyncFd::new` is deprecated because an arbitrary `AsRawFd` may change its fd behind
-    // tokio's back; an `OwnedFd` owned by the `AsyncFd` cannot, so the safe constructor is
-    // sound here (the replacement, `register`, is `unsafe`, which this crate denies).
-    #[allow(deprecated)]
-    let afd = match AsyncFd::new(fd) {
-        Ok(a) => a,
-        Err(e) => {
-            debug!(error = %e, "cannot register the clock-change timer");
-            return;
-        }
-    };
-    loop {
-        let mut guard = tokio::select! {
-            g = afd.readable() => match g {
-                Ok(g) => g,
-                Err(_) => return,
-            },
-            _ = tx.closed() => return,
-        };
-        let mut buf = [0u8; 8];
-        match rustix::io::read(afd.get_ref(), &mut buf) {
-            Err(rustix::io::Errno::CANCELED) => {
-                info!("the wall clock was changed");
-                if tx.send(Outside::ClockChanged).is_err() {
-                    return;
-                }
-                if arm(afd.get_ref()).is_err() {
-                    return;
-                }
+
+    /// Waits until the armed instant, or until the wall clock is set.
+    pub async fn wait(&self) -> std::io::Result<WallEvent> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut buf = [0u8; 8];
+            match rustix::io::read(self.fd.get_ref(), &mut buf) {
+                Ok(_) => return Ok(WallEvent::Due),
+                Err(rustix::io::Errno::CANCELED) => return Ok(WallEvent::ClockChanged),
+                Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+                Err(e) => return Err(e.into()),
             }
-            Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
-            Ok(_) => {
-                if arm(afd.get_ref()).is_err() {
-                    return;
-                }
-            }
-            Err(_) => return,
         }
     }
 }
