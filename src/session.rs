@@ -99,6 +99,8 @@ pub struct Params {
     pub backoff_max: f64,
     /// Login budget per user.
     pub budget: Budget,
+    /// Pace automatic refreshes of short-lived tokens (`[rate_limit] pace`).
+    pub pace: bool,
 }
 
 impl Params {
@@ -110,6 +112,7 @@ impl Params {
             backoff_initial: c.refresh.backoff_initial.as_secs_f64(),
             backoff_max: c.refresh.backoff_max.as_secs_f64(),
             budget: Budget { per_minute: c.rate_limit.logins_per_minute, per_day: c.rate_limit.logins_per_day },
+            pace: c.rate_limit.pace,
         }
     }
 }
@@ -265,6 +268,9 @@ impl Core {
     /// lasts the day. Returns the earliest next automatic attempt, `None` when not pacing.
     /// The first half is spent at the natural pace, so short runs see the SPEC's schedule.
     pub fn pace_until(&self, used_today: u32) -> Option<f64> {
+        if !self.params.pace {
+            return None;
+        }
         let per_day = f64::from(self.params.budget.per_day);
         let interval = policy::DAY / per_day;
         let natural = match (self.refresh_at, self.last_login_at) {
@@ -1417,6 +1423,7 @@ mod tests {
             backoff_initial: 2.0,
             backoff_max: 60.0,
             budget: Budget { per_minute: 5, per_day: 100 },
+            pace: true,
         }
     }
 
@@ -1519,6 +1526,7 @@ mod tests {
             backoff_initial: 2.0,
             backoff_max: 300.0,
             budget: Budget { per_minute: 5, per_day: 100 },
+            pace: true,
         };
         let mut c = Core::new(p, true);
         c.token = Some(Secret::new("t"));

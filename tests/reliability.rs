@@ -236,9 +236,34 @@ async fn callers_of_another_user_get_access_denied() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pacing_the_budget_alone_holds_refreshes_back() {
+    let env = Env::with_lifetime(Duration::from_secs(3)).await;
+    env.write_config(&Cfg { margin: "1s", per_minute: 5, per_day: 3, ..Default::default() });
+    let d = env.start_daemon().await;
+    let s = env.session("default").await;
+    // The SPEC's schedule: a refresh every 2 s while the budget allows, then a wait that
+    // RefreshAt shows (the first login's 24 h later).
+    assert!(logins_reach(&env, 3, T).await, "log:\n{}", d.log.text());
+    let first = env.sim.logins()[0].at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(
+        eventually(T, || async {
+            let r = s.refresh_at().await.unwrap() as f64;
+            (r - (first + 86_400.0)).abs() < 5.0
+        })
+        .await,
+        "RefreshAt shows when the budget frees: {:?}",
+        s.refresh_at().await
+    );
+    assert!(!s.pacing().await.unwrap());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.sim.counters().login_ok, 3);
+    assert_eq!(err_name(s.refresh().await), "TooManyRequests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_tokens_are_paced_so_the_daily_budget_lasts() {
     let env = Env::with_lifetime(Duration::from_secs(3)).await;
-    env.write_config(&Cfg { margin: "1s", per_minute: 5, per_day: 4, ..Default::default() });
+    env.write_config(&Cfg { margin: "1s", per_minute: 5, per_day: 4, pace: true, ..Default::default() });
     let d = env.start_daemon().await;
     let s = env.session("default").await;
     // Half the budget goes at the natural pace (a login every 2 s)...

@@ -132,6 +132,7 @@ pub struct Cfg {
     pub timeout: &'static str,
     pub per_minute: u32,
     pub per_day: u32,
+    pub pace: bool,
     pub backend: bool,
     pub credential: Option<&'static str>,
     pub sessions: Vec<(&'static str, &'static str, &'static str)>,
@@ -149,6 +150,7 @@ impl Default for Cfg {
             timeout: "3s",
             per_minute: 60,
             per_day: 1000,
+            pace: false,
             backend: true,
             credential: Some("app-user-credential-1"),
             sessions: vec![("default", "user-0001-abcd", "user@example.com")],
@@ -205,7 +207,10 @@ impl Env {
             "[refresh]\nmargin = {:?}\njitter = {:?}\ncheck_schedule = {:?}\nbackoff_initial = {:?}\nbackoff_max = {:?}\n\n",
             c.margin, c.jitter, c.check_schedule, c.backoff_initial, c.backoff_max
         ));
-        t.push_str(&format!("[rate_limit]\nlogins_per_minute = {}\nlogins_per_day = {}\n\n", c.per_minute, c.per_day));
+        t.push_str(&format!(
+            "[rate_limit]\nlogins_per_minute = {}\nlogins_per_day = {}\npace = {}\n\n",
+            c.per_minute, c.per_day, c.pace
+        ));
         t.push_str(&c.extra);
         for (id, uid, email) in &c.sessions {
             t.push_str(&format!("[[session]]\nid = {id:?}\nunique_user_id = {uid:?}\nemail = {email:?}\n\n"));
