@@ -137,6 +137,68 @@ pub trait Registry: Send + Sync + 'static {
     async fn add(&self, id: &str, profile: ProfileArgs) -> Result<(), ApiError>;
     /// Removes a session (cleans up and forgets it).
     async fn remove(&self, id: &str) -> Result<(), ApiError>;
+    /// Every session's current snapshot (for `GetManagedObjects`).
+    async fn snapshots(&self) -> Vec<Snapshot>;
+}
+
+/// `org.freedesktop.DBus.ObjectManager` at `/com/entrupy/TokenDaemon1`. zbus's own lists
+/// every node under the manager, the interface-less `/com/entrupy/TokenDaemon1/session`
+/// among them; this one lists exactly the sessions. zbus still emits `InterfacesAdded` and
+/// `InterfacesRemoved` when session objects come and go (it recognizes the interface name).
+pub struct ObjectManagerObject {
+    registry: Arc<dyn Registry>,
+}
+
+impl std::fmt::Debug for ObjectManagerObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ObjectManagerObject")
+    }
+}
+
+impl ObjectManagerObject {
+    /// An object manager over `registry`.
+    pub fn new(registry: Arc<dyn Registry>) -> Self {
+        Self { registry }
+    }
+}
+
+type ManagedObjects = HashMap<OwnedObjectPath, HashMap<String, HashMap<String, OwnedValue>>>;
+
+#[interface(name = "org.freedesktop.DBus.ObjectManager")]
+impl ObjectManagerObject {
+    /// Every session object with its interface's properties.
+    #[zbus(out_args("object_paths_interfaces_and_properties"))]
+    async fn get_managed_objects(&self) -> Result<ManagedObjects, Error> {
+        let mut out = ManagedObjects::new();
+        for snap in self.registry.snapshots().await {
+            let mut props: HashMap<String, OwnedValue> = HashMap::new();
+            props.insert("Id".to_owned(), OwnedValue::from(zbus::zvariant::Str::from(snap.id.clone())));
+            for (name, value) in property_values(&snap) {
+                if let Ok(v) = OwnedValue::try_from(value) {
+                    props.insert(name.to_owned(), v);
+                }
+            }
+            let path = path(names::session_path(&snap.id))?;
+            out.insert(path, HashMap::from([(names::SESSION_INTERFACE.to_owned(), props)]));
+        }
+        Ok(out)
+    }
+
+    /// A session appeared.
+    #[zbus(signal)]
+    async fn interfaces_added(
+        emitter: &SignalEmitter<'_>,
+        object_path: zbus::zvariant::ObjectPath<'_>,
+        interfaces_and_properties: HashMap<&str, HashMap<&str, Value<'_>>>,
+    ) -> zbus::Result<()>;
+
+    /// A session went away.
+    #[zbus(signal)]
+    async fn interfaces_removed(
+        emitter: &SignalEmitter<'_>,
+        object_path: zbus::zvariant::ObjectPath<'_>,
+        interfaces: &[&str],
+    ) -> zbus::Result<()>;
 }
 
 /// `AddSession`'s profile, validated.
@@ -405,19 +467,19 @@ impl SessionObject {
     /// The user.
     #[zbus(property)]
     fn unique_user_id(&self) -> String {
-        self.handle.snapshot().unique_user_id
+        self.handle.with_snapshot(|s| s.unique_user_id.clone())
     }
 
     /// As returned by the backend.
     #[zbus(property)]
     fn username(&self) -> String {
-        self.handle.snapshot().username
+        self.handle.with_snapshot(|s| s.username.clone())
     }
 
     /// `logged-out`, `valid`, `refreshing`, `expired`, `needs-reauthorization` or `failed`.
     #[zbus(property)]
     fn state(&self) -> String {
-        self.handle.snapshot().state.as_str().to_owned()
+        self.handle.with_snapshot(|s| s.state.as_str().to_owned())
     }
 
     /// Whether the token is valid now.
@@ -429,43 +491,43 @@ impl SessionObject {
     /// Expiry, Unix seconds rounded down; 0 for none.
     #[zbus(property)]
     fn expires_at(&self) -> u64 {
-        self.handle.snapshot().expires_at_secs()
+        self.handle.with_snapshot(|s| s.expires_at_secs())
     }
 
     /// Next planned refresh; 0 for none.
     #[zbus(property)]
     fn refresh_at(&self) -> u64 {
-        secs(self.handle.snapshot().refresh_at)
+        self.handle.with_snapshot(|s| secs(s.refresh_at))
     }
 
     /// When the last login answer arrived; 0 for none.
     #[zbus(property)]
     fn last_login_at(&self) -> u64 {
-        secs(self.handle.snapshot().last_login_at.unwrap_or(0.0))
+        self.handle.with_snapshot(|s| secs(s.last_login_at.unwrap_or(0.0)))
     }
 
     /// Short name of the last failure, `""` for none.
     #[zbus(property)]
     fn last_error(&self) -> String {
-        self.handle.snapshot().last_error.map(|e| e.as_str().to_owned()).unwrap_or_default()
+        self.handle.with_snapshot(|s| s.last_error.map(|e| e.as_str().to_owned()).unwrap_or_default())
     }
 
     /// Extra (not in SPEC 6): successful logins of this user in the last 24 h.
     #[zbus(property)]
     fn logins_today(&self) -> u32 {
-        self.handle.snapshot().logins_today
+        self.handle.with_snapshot(|s| s.logins_today)
     }
 
     /// Extra (not in SPEC 6): the daily login budget of this user.
     #[zbus(property)]
     fn logins_per_day(&self) -> u32 {
-        self.handle.snapshot().logins_per_day
+        self.handle.with_snapshot(|s| s.logins_per_day)
     }
 
     /// Extra (not in SPEC 6): whether refreshes are paced to make the daily budget last.
     #[zbus(property)]
     fn pacing(&self) -> bool {
-        self.handle.snapshot().pacing
+        self.handle.with_snapshot(|s| s.pacing)
     }
 
     /// `didLoginUserSuccessfully`.

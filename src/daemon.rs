@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use zbus::Connection;
 
-use crate::bus::{Access, ManagerObject, Notifier, ProfileArgs, Registry, SessionObject};
+use crate::bus::{Access, ManagerObject, Notifier, ObjectManagerObject, ProfileArgs, Registry, SessionObject};
 use crate::clock::{Clock, until};
 use crate::config::{self, Config, ConfigLocation};
 use crate::error::{ApiError, ErrorName};
@@ -327,6 +327,10 @@ impl Registry for Daemon {
         self.start_session(&mut inner, profile, Some(record)).await
     }
 
+    async fn snapshots(&self) -> Vec<session::Snapshot> {
+        self.inner.lock().await.sessions.values().map(|e| e.handle.snapshot()).collect()
+    }
+
     async fn remove(&self, id: &str) -> Result<(), ApiError> {
         let mut inner = self.inner.lock().await;
         let Some(entry) = inner.sessions.remove(id) else {
@@ -453,6 +457,11 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
         inner: tokio::sync::Mutex::new(Inner { config: config.clone(), clients, sessions: BTreeMap::new() }),
     });
 
+    // The object manager first, so that adding sessions later signals InterfacesAdded.
+    conn.object_server()
+        .at(names::MANAGER_PATH, ObjectManagerObject::new(daemon.clone()))
+        .await
+        .map_err(|e| RunError::Other(format!("cannot serve the object manager: {e}")))?;
     {
         let mut inner = daemon.inner.lock().await;
         let mut records = records;
@@ -474,10 +483,6 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
     }
 
     let server = conn.object_server();
-    server
-        .at(names::MANAGER_PATH, zbus::fdo::ObjectManager)
-        .await
-        .map_err(|e| RunError::Other(format!("cannot serve the object manager: {e}")))?;
     server
         .at(names::MANAGER_PATH, ManagerObject::new(daemon.clone(), daemon.access.clone()))
         .await

@@ -636,6 +636,11 @@ impl SessionHandle {
         self.snapshot.borrow().clone()
     }
 
+    /// Runs `f` on the current snapshot without copying it.
+    pub fn with_snapshot<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
+        f(&self.snapshot.borrow())
+    }
+
     /// A receiver of snapshot changes.
     pub fn watch(&self) -> watch::Receiver<Snapshot> {
         self.snapshot.clone()

@@ -303,6 +303,16 @@ async fn manager_adds_lists_and_removes_sessions() {
     bad.remove("email");
     assert_eq!(err_name(m.add_session("x", bad).await), "InvalidArgument");
     assert_eq!(m.list_sessions().await.unwrap().len(), 2, "failed adds change nothing");
+    // GetManagedObjects lists exactly the sessions, with their properties.
+    let objects = om.get_managed_objects().await.unwrap();
+    let mut paths: Vec<String> = objects.keys().map(|p| p.to_string()).collect();
+    paths.sort();
+    assert_eq!(paths, ["/com/entrupy/TokenDaemon1/session/default", "/com/entrupy/TokenDaemon1/session/my_2did"]);
+    let props = &objects.values().next().unwrap()["com.entrupy.TokenDaemon1.Session"];
+    for p in ["Id", "UniqueUserId", "Username", "State", "Valid", "ExpiresAt", "RefreshAt", "LastLoginAt", "LastError"]
+    {
+        assert!(props.contains_key(p), "GetManagedObjects lacks {p}");
+    }
     assert_eq!(m.get_session("my-id").await.unwrap().as_str(), path.as_str());
     wait_state(&env, "my-id", "valid").await;
 
