@@ -882,7 +882,7 @@ impl Task {
         if self.core.token.is_some() || self.core.mode == Mode::Active {
             debug!(
                 state = self.core.state(self.now()).as_str(),
-                expires_at = self.core.expires_at.map(fmt_time),
+                expires_at = %self.core.expires_at.map(fmt_time).unwrap_or_else(|| "none".into()),
                 "session loaded"
             );
         }
@@ -1157,7 +1157,7 @@ impl Task {
                 info!(
                     event = "login_succeeded",
                     expires_at = %fmt_time(s.login.expires_at),
-                    refresh_at = self.core.refresh_at.map(fmt_time),
+                    refresh_at = %self.core.refresh_at.map(fmt_time).unwrap_or_else(|| "none".into()),
                     "logged in"
                 );
                 self.emit(now, SessionEvent::LoginSucceeded(s.login.expires_at));
@@ -1206,7 +1206,7 @@ impl Task {
                     event = "login_failed",
                     error_class = api.name.as_str(),
                     error = %api.message,
-                    next_attempt = next,
+                    next_attempt = %next.unwrap_or_else(|| "none (waiting for a change or a client)".into()),
                     "login failed"
                 );
                 self.emit(now, SessionEvent::LoginFailed(code, description));
