@@ -627,39 +627,26 @@ impl Notifier {
 
 /// The one publisher of the daemon: turns every session's [`Update`]s into
 /// `PropertiesChanged` (only the properties that changed) and signals, in the order the
-/// sessions sent them, until the channel closes. It keeps each session's last snapshot to
-/// compare against.
+/// sessions sent them, until the channel closes.
 pub async fn publisher(
     conn: Connection,
     mut updates: mpsc::UnboundedReceiver<Update>,
     notifier: Option<Arc<Notifier>>,
 ) {
-    let mut last: HashMap<String, Snapshot> = HashMap::new();
     while let Some(update) = updates.recv().await {
         match update {
-            Update::Attached(s) => {
-                last.insert(s.id.clone(), s);
-            }
-            Update::Detached(id) => {
-                last.remove(&id);
-            }
-            Update::Changed(s) => {
-                let current = property_values(&s);
-                let changed: HashMap<&str, Value<'_>> = match last.get(&s.id) {
-                    Some(prev) => current
-                        .into_iter()
-                        .zip(property_values(prev))
-                        .filter(|(a, b)| a.1 != b.1)
-                        .map(|(a, _)| a)
-                        .collect(),
-                    None => current.into_iter().collect(),
-                };
-                let emitter = emitter_for(&conn, &s.id);
-                last.insert(s.id.clone(), s);
+            Update::Changed(change) => {
+                let (old, new) = *change;
+                let changed: HashMap<&str, Value<'_>> = property_values(&new)
+                    .into_iter()
+                    .zip(property_values(&old))
+                    .filter(|(a, b)| a.1 != b.1)
+                    .map(|(a, _)| a)
+                    .collect();
                 if changed.is_empty() {
                     continue;
                 }
-                let Some(emitter) = emitter else { continue };
+                let Some(emitter) = emitter_for(&conn, &new.id) else { continue };
                 let iface = zbus::names::InterfaceName::from_static_str_unchecked(names::SESSION_INTERFACE);
                 if let Err(e) =
                     zbus::fdo::Properties::properties_changed(&emitter, iface, changed, Cow::Borrowed(&[])).await

@@ -129,7 +129,6 @@ impl Daemon {
     }
 
     async fn detach(&self, id: &str) {
-        let _ = self.shared.updates.send(session::Update::Detached(id.to_owned()));
         let path = names::session_path(id);
         if let Err(e) = self.conn.object_server().remove::<SessionObject, _>(path.as_str()).await {
             warn!(session = id, error = %e, "cannot remove the session's object");

@@ -490,14 +490,11 @@ pub enum SessionEvent {
 /// (one publisher for the whole daemon keeps a resting session cheap).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Update {
-    /// A session appeared with this snapshot: the baseline for change detection.
-    Attached(Snapshot),
-    /// A session's snapshot changed.
-    Changed(Snapshot),
+    /// A session's snapshot changed from the first to the second (the publisher keeps no
+    /// copy per session).
+    Changed(Box<(Snapshot, Snapshot)>),
     /// A session's signal.
     Event(String, SessionEvent),
-    /// A session is gone (sent by the daemon after the task stopped).
-    Detached(String),
 }
 
 /// Settings a session runs with; replaced on reload.
@@ -800,8 +797,6 @@ pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shar
     // daemon may hold 10,000 resting sessions. Commands beyond the buffer wait for room.
     let (tx, rx) = mpsc::channel(64);
     let snap = build_snapshot(&settings, &core, &shared, now);
-    // The baseline goes out before the task can send a change.
-    let _ = shared.updates.send(Update::Attached(snap.clone()));
     let (snapshot_tx, snapshot_rx) = watch::channel(snap);
     let handle =
         SessionHandle { id: settings.profile.id.clone(), tx, snapshot: snapshot_rx, clock: shared.clock.clone() };
@@ -947,17 +942,17 @@ impl Task {
     fn publish(&self, now: f64) {
         let snap = build_snapshot(&self.settings, &self.core, &self.shared, now);
         let mut changed = None;
-        self.snapshot_tx.send_if_modified(|old| {
-            if *old != snap {
-                changed = Some(snap.clone());
-                *old = snap;
+        self.snapshot_tx.send_if_modified(|current| {
+            if *current != snap {
+                let old = std::mem::replace(current, snap.clone());
+                changed = Some(Box::new((old, snap)));
                 true
             } else {
                 false
             }
         });
-        if let Some(s) = changed {
-            let _ = self.shared.updates.send(Update::Changed(s));
+        if let Some(c) = changed {
+            let _ = self.shared.updates.send(Update::Changed(c));
         }
     }
 
