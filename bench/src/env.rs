@@ -28,29 +28,7 @@ impl Bus {
     pub fn start() -> Result<Bus> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("bus");
-        let conf = format!(
-            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
-  <limit name="max_replies_per_connection">50000</limit>
-  <limit name="max_connections_per_user">10000</limit>
-  <limit name="max_match_rules_per_connection">50000</limit>
-  <limit name="max_incoming_bytes">1000000000</limit>
-  <limit name="max_outgoing_bytes">1000000000</limit>
-  <limit name="max_message_size">33554432</limit>
-  <policy context="default">
-    <allow user="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"#,
-            socket.display()
-        );
+        let conf = entrupy_sim::private_bus_config(&socket, None);
         let conf_path = dir.path().join("bus.conf");
         std::fs::write(&conf_path, conf)?;
         let mut child = Command::new("dbus-daemon")

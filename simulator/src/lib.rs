@@ -37,3 +37,35 @@ pub use signing::{
     random_hex32,
 };
 pub use state::{Counters, LoginRecord, RequestRecord};
+
+/// The configuration of a private session `dbus-daemon` for tests and benchmarks: listens on
+/// `socket`, no standard service directories (nothing of the host is activated; `services`
+/// adds one, for activation tests), any user may connect and own names, and limits generous
+/// enough for thousands of concurrent calls.
+pub fn private_bus_config(socket: &std::path::Path, services: Option<&std::path::Path>) -> String {
+    let servicedir = services.map(|s| format!("<servicedir>{}</servicedir>", s.display())).unwrap_or_default();
+    format!(
+        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  {servicedir}
+  <limit name="max_replies_per_connection">50000</limit>
+  <limit name="max_connections_per_user">10000</limit>
+  <limit name="max_match_rules_per_connection">50000</limit>
+  <limit name="max_incoming_bytes">1000000000</limit>
+  <limit name="max_outgoing_bytes">1000000000</limit>
+  <limit name="max_message_size">33554432</limit>
+  <policy context="default">
+    <allow user="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"#,
+        socket.display()
+    )
+}

@@ -37,28 +37,7 @@ impl Bus {
     pub fn start_with_services(services: Option<&Path>) -> Bus {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("bus");
-        let servicedir = services.map(|s| format!("<servicedir>{}</servicedir>", s.display())).unwrap_or_default();
-        let conf = format!(
-            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
-  {servicedir}
-  <limit name="max_replies_per_connection">50000</limit>
-  <limit name="max_connections_per_user">10000</limit>
-  <limit name="max_match_rules_per_connection">50000</limit>
-  <policy context="default">
-    <allow user="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"#,
-            socket.display()
-        );
+        let conf = entrupy_sim::private_bus_config(&socket, services);
         let conf_path = dir.path().join("bus.conf");
         std::fs::write(&conf_path, conf).unwrap();
         let mut child = Command::new("dbus-daemon")
