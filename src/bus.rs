@@ -680,11 +680,6 @@ fn emitter_for<'a>(conn: &Connection, id: &str) -> Option<SignalEmitter<'a>> {
     Some(SignalEmitter::from_parts(conn.clone(), path))
 }
 
-/// Maps an [`ApiError`] to the bus error (used where `?` cannot see the conversion).
-pub fn to_bus_error(e: ApiError) -> Error {
-    Error::from_name(e.name, e.message)
-}
-
 /// The error a caller gets for an unknown session.
 pub fn no_such_session(id: &str) -> ApiError {
     let shown: String = id.chars().take(64).collect();

@@ -36,11 +36,6 @@ impl Clock {
     pub fn to_system(&self, t: f64) -> f64 {
         t - self.offset_ms.load(Ordering::Relaxed) as f64 / 1000.0
     }
-
-    /// Sets the offset from the system clock.
-    pub fn set_offset_ms(&self, ms: i64) {
-        self.offset_ms.store(ms, Ordering::Relaxed);
-    }
 }
 
 /// Seconds until `target` as a `Duration`, zero when it has passed (and for NaN).

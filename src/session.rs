@@ -257,11 +257,6 @@ impl Core {
         }
     }
 
-    /// Whether the session is waiting out a backoff.
-    pub fn retrying(&self) -> bool {
-        self.retry_at.is_some()
-    }
-
     /// Pacing: when the token lifetime is so short that refreshing before every expiry would
     /// spend more than the daily budget, automatic attempts (retries included) are spread to
     /// one per `24 h / logins_per_day` once half of the day's budget is used, so the budget
@@ -342,7 +337,7 @@ impl Core {
     /// `needs-reauthorization`.
     pub fn apply(&mut self, outcome: &Outcome, asked: bool, now: f64, u: f64) -> bool {
         self.in_flight = false;
-        let had_schedule = self.retry_at.is_some() || self.refresh_at.is_none() || self.mode != Mode::Active;
+        let retrying_or_unscheduled = self.retry_at.is_some() || self.refresh_at.is_none() || self.mode != Mode::Active;
         match *outcome {
             Outcome::Success { expires_at, received_at } => {
                 self.mode = Mode::Active;
@@ -369,7 +364,7 @@ impl Core {
                 }
                 // A failed attempt that a client asked for leaves the automatic schedule as
                 // it was, unless the session was already retrying (or had no schedule).
-                if !asked || had_schedule {
+                if !asked || retrying_or_unscheduled {
                     let delay = policy::backoff_delay(
                         self.backoff_attempt,
                         self.params.backoff_initial,
@@ -636,11 +631,6 @@ impl SessionHandle {
     /// Runs `f` on the current snapshot without copying it.
     pub fn with_snapshot<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
         f(&self.snapshot.borrow())
-    }
-
-    /// A receiver of snapshot changes.
-    pub fn watch(&self) -> watch::Receiver<Snapshot> {
-        self.snapshot.clone()
     }
 
     /// `IsAuthorizationValid()`, from the wall clock and the snapshot.
