@@ -16,7 +16,6 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 use zbus::{Connection, interface};
 
-use crate::clock::Clock;
 use crate::error::{ApiError, Error, ErrorName};
 use crate::names;
 use crate::session::{SessionEvent, SessionHandle, Snapshot, Update};
@@ -352,14 +351,12 @@ impl ManagerObject {
 pub struct SessionObject {
     handle: SessionHandle,
     access: Arc<Access>,
-    device_id: String,
-    clock: Clock,
 }
 
 impl SessionObject {
     /// The object of a session.
-    pub fn new(handle: SessionHandle, access: Arc<Access>, device_id: String, clock: Clock) -> Self {
-        Self { handle, access, device_id, clock }
+    pub fn new(handle: SessionHandle, access: Arc<Access>) -> Self {
+        Self { handle, access }
     }
 }
 
@@ -426,7 +423,7 @@ impl SessionObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<String, Error> {
         self.access.check(conn, &hdr).await?;
-        Ok(crate::authreq::generate(self.clock.now(), &self.device_id))
+        Ok(crate::authreq::generate(self.handle.now(), self.handle.device_id()))
     }
 
     /// Logs in with a request the caller had signed.
@@ -461,7 +458,7 @@ impl SessionObject {
     /// Session id.
     #[zbus(property(emits_changed_signal = "const"))]
     fn id(&self) -> String {
-        self.handle.id.clone()
+        self.handle.id().to_owned()
     }
 
     /// The user.

@@ -57,7 +57,7 @@ struct Entry {
 
 struct Inner {
     config: Config,
-    clients: Clients,
+    clients: Arc<Clients>,
     sessions: BTreeMap<String, Entry>,
 }
 
@@ -121,9 +121,8 @@ impl Daemon {
 
     /// Serves a session's object (its changes reach the bus through the one publisher).
     async fn attach(&self, handle: SessionHandle) -> Result<(), zbus::Error> {
-        let path = names::session_path(&handle.id);
-        let obj =
-            SessionObject::new(handle, self.access.clone(), self.shared.device_id.clone(), self.shared.clock.clone());
+        let path = names::session_path(handle.id());
+        let obj = SessionObject::new(handle, self.access.clone());
         self.conn.object_server().at(path.as_str(), obj).await?;
         Ok(())
     }
@@ -207,7 +206,7 @@ impl Daemon {
             warn!("state_dir changed; the new directory is used after a restart");
         }
         match build_clients(&config) {
-            Ok(c) => inner.clients = c,
+            Ok(c) => inner.clients = Arc::new(c),
             Err(e) => {
                 error!(error = %e, "reload failed; keeping the old configuration");
                 return;
@@ -420,13 +419,16 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
         .map_err(|e| RunError::Other(format!("state loader failed: {e}")))?,
         None => (crate::authreq::random_hex128(), Default::default(), Default::default()),
     };
-    let clients = build_clients(&config).map_err(RunError::Other)?;
+    let clients = Arc::new(build_clients(&config).map_err(RunError::Other)?);
     let (updates_tx, updates_rx) = mpsc::unbounded_channel();
+    let timers = Arc::new(session::Timers::default());
+    tokio::spawn(timers.clone().run());
     let shared = Arc::new(Shared {
         store,
         logins: std::sync::Mutex::new(logins.into_iter().collect()),
         logins_write: std::sync::Mutex::new(()),
         updates: updates_tx,
+        timers: timers.clone(),
         device_id,
         clock: clock.clone(),
     });

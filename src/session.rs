@@ -1,20 +1,21 @@
-//! One session: its state machine ([`Core`], pure) and the task that owns it ([`spawn`]).
+//! One session: its state machine ([`Core`], pure) and the runtime around it ([`spawn`]).
 //!
 //! [`Core`] takes `now` and returns decisions: what the public `State` is, when the next
 //! automatic attempt is due, what an outcome does to the schedule. It knows no tokio, no
-//! network and no disk. The task around it is the only owner of the session's state: D-Bus
-//! calls, timers, the wall-clock sweep, reloads and HTTP results reach it as [`Command`]s or
-//! as the end of its one attempt future, so there is exactly one login attempt at a time
-//! and concurrent callers share its outcome. It publishes a [`Snapshot`] through a `watch`
-//! channel (read by the bus without waiting on the task) and [`SessionEvent`]s through a
-//! `broadcast` channel.
+//! network and no disk. Around it, one task at a time owns the session's state: D-Bus
+//! calls, deadlines, the wall-clock sweep, reloads and HTTP results reach it as [`Command`]s
+//! or as the end of its one attempt future, so there is exactly one login attempt at a time
+//! and concurrent callers share its outcome. A resting session has no task at all: its state
+//! is parked in its cell and its next deadline sits in the daemon's one [`Timers`] queue. It
+//! publishes a [`Snapshot`] (read by the bus without waiting on the task) and sends each
+//! change and [`SessionEvent`], in order, to the daemon's one publisher.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{Instrument, debug, info, warn};
 
 use crate::clock::{Clock, fmt_time, until};
@@ -499,8 +500,8 @@ pub struct Settings {
     pub profile: Profile,
     /// Policy.
     pub params: Params,
-    /// HTTP clients (with or without a backend).
-    pub clients: Clients,
+    /// HTTP clients (with or without a backend), shared by the sessions.
+    pub clients: Arc<Clients>,
 }
 
 /// What the daemon shares among sessions.
@@ -518,6 +519,8 @@ pub struct Shared {
     pub clock: Clock,
     /// Where snapshots changes and signals go (the bus publisher).
     pub updates: mpsc::UnboundedSender<Update>,
+    /// Every resting session's next deadline (served by [`Timers::run`]).
+    pub timers: Arc<Timers>,
 }
 
 impl Shared {
@@ -609,54 +612,160 @@ pub enum Command {
 }
 
 /// The bus layer's handle on a session.
+///
+/// A resting session has no task: its state ([`Task`]) is parked in the cell, and the
+/// daemon's one timer queue ([`Timers`]) holds its next deadline. A command or a deadline
+/// spawns a task that takes the state, works until nothing is left to do (an attempt under
+/// way keeps it alive), re-arms the deadline and parks the state again. Exactly one task
+/// owns the state at any time, so a session still does one thing at a time.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
-    /// Session id.
-    pub id: String,
-    tx: mpsc::Sender<Box<Command>>,
-    snapshot: watch::Receiver<Snapshot>,
-    clock: Clock,
+    cell: Arc<Cell>,
+}
+
+/// What a session keeps between tasks.
+struct Cell {
+    id: String,
+    shared: Arc<Shared>,
+    /// What the bus reads without waiting on the task.
+    snapshot: RwLock<Snapshot>,
+    mailbox: Mutex<Mailbox>,
+    /// Wakes the running task when a command arrives during an attempt.
+    notify: Notify,
+}
+
+impl std::fmt::Debug for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cell").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+struct Mailbox {
+    queue: VecDeque<Command>,
+    /// The session's state while no task runs it (`None` while one does, or once stopped).
+    parked: Option<Box<Task>>,
+    /// Stopped: commands are refused.
+    closed: bool,
+    /// The session's entry in the timer queue.
+    timer: Option<TimerKey>,
+}
+
+/// Most commands waiting for a session's task; more get `TooManyRequests` (waiters on an
+/// attempt are capped separately by [`MAX_WAITERS`]).
+const MAX_QUEUED_COMMANDS: usize = MAX_WAITERS + MAX_SIGNED_QUEUE;
+
+/// A poisoned lock only means another thread panicked while holding it; the data (plain
+/// values, each update complete) is still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 fn gone() -> ApiError {
     ApiError::new(ErrorName::Cancelled, "the session was stopped")
 }
 
+impl Cell {
+    /// Queues a command and makes sure a task will read it.
+    fn send(self: &Arc<Self>, cmd: Command) -> Result<(), (Command, ApiError)> {
+        let mut mb = lock(&self.mailbox);
+        if mb.closed {
+            return Err((cmd, gone()));
+        }
+        if mb.queue.len() >= MAX_QUEUED_COMMANDS {
+            return Err((cmd, too_many_waiters()));
+        }
+        mb.queue.push_back(cmd);
+        let parked = mb.parked.take();
+        drop(mb);
+        match parked {
+            Some(task) => spawn_task(self.clone(), task),
+            None => self.notify.notify_one(),
+        }
+        Ok(())
+    }
+
+    /// A deadline passed: run the session's task (it looks at the clock).
+    fn fire(self: &Arc<Self>, key: TimerKey) {
+        let mut mb = lock(&self.mailbox);
+        if mb.timer == Some(key) {
+            mb.timer = None;
+        }
+        let parked = mb.parked.take();
+        drop(mb);
+        match parked {
+            Some(task) => spawn_task(self.clone(), task),
+            None => self.notify.notify_one(),
+        }
+    }
+}
+
+fn spawn_task(cell: Arc<Cell>, task: Box<Task>) {
+    let span = tracing::info_span!(
+        "session",
+        session = %task.settings.profile.id,
+        unique_user_id = %task.settings.profile.unique_user_id
+    );
+    tokio::spawn(run(cell, task).instrument(span));
+}
+
 impl SessionHandle {
+    /// Session id.
+    pub fn id(&self) -> &str {
+        &self.cell.id
+    }
+
+    /// The daemon's wall clock, now.
+    pub fn now(&self) -> f64 {
+        self.cell.shared.clock.now()
+    }
+
+    /// The installation's device id.
+    pub fn device_id(&self) -> &str {
+        &self.cell.shared.device_id
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Snapshot {
-        self.snapshot.borrow().clone()
+        read(&self.cell.snapshot).clone()
     }
 
     /// Runs `f` on the current snapshot without copying it.
     pub fn with_snapshot<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
-        f(&self.snapshot.borrow())
+        f(&read(&self.cell.snapshot))
     }
 
     /// `IsAuthorizationValid()`, from the wall clock and the snapshot.
     pub fn is_valid(&self) -> bool {
-        self.snapshot.borrow().valid(self.clock.now())
+        read(&self.cell.snapshot).valid(self.cell.shared.clock.now())
     }
 
     /// `GetToken()`.
     pub fn get_token(&self) -> Result<(Secret, f64), ApiError> {
-        let snap = self.snapshot.borrow();
+        let snap = read(&self.cell.snapshot);
         match (&snap.token, snap.expires_at) {
-            (Some(t), Some(e)) if self.clock.now() < e => Ok((t.clone(), e)),
+            (Some(t), Some(e)) if self.cell.shared.clock.now() < e => Ok((t.clone(), e)),
             _ => Err(ApiError::new(ErrorName::NotAuthorized, "no valid token")),
         }
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ApiError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Box::new(make(tx))).await.map_err(|_| gone())?;
+        self.cell.send(make(tx)).map_err(|(_, e)| e)?;
         rx.await.map_err(|_| gone())
     }
 
     /// `EnsureValid(min_seconds)`: answered from the snapshot when it suffices.
     pub async fn ensure_valid(&self, min_seconds: u32) -> Result<(Secret, f64), ApiError> {
         if let Ok((t, e)) = self.get_token()
-            && e - self.clock.now() >= f64::from(min_seconds)
+            && e - self.cell.shared.clock.now() >= f64::from(min_seconds)
         {
             return Ok((t, e));
         }
@@ -681,7 +790,7 @@ impl SessionHandle {
     /// Whether the sweep at `now` must wake this session: a deadline (expiry, planned
     /// attempt) passed without the session noticing, or it waits for a credential change.
     pub fn needs_sweep(&self, now: f64) -> bool {
-        let s = self.snapshot.borrow();
+        let s = read(&self.cell.snapshot);
         let expiry_missed = s.valid && s.expires_at.is_some_and(|e| now >= e);
         let attempt_missed = s.refresh_at > 0.0 && now >= s.refresh_at && s.state != State::Refreshing;
         expiry_missed || attempt_missed || matches!(s.state, State::NeedsReauthorization | State::Failed)
@@ -689,12 +798,12 @@ impl SessionHandle {
 
     /// Asks the session to look at the wall clock again; never waits.
     pub fn wake(&self) {
-        let _ = self.tx.try_send(Box::new(Command::Wake));
+        let _ = self.cell.send(Command::Wake);
     }
 
     /// Tells the session the network is back; never waits.
     pub fn network_up(&self) {
-        let _ = self.tx.try_send(Box::new(Command::NetworkUp));
+        let _ = self.cell.send(Command::NetworkUp);
     }
 
     /// Applies new settings.
@@ -702,12 +811,102 @@ impl SessionHandle {
         let _ = self.ask(|tx| Command::Reconfigure(Box::new(settings), tx)).await;
     }
 
-    /// Stops the task after flushing its state; with `forget`, removes the state too.
+    /// Stops the session after flushing its state; with `forget`, removes the state too. A
+    /// resting session whose state is saved stops at once, without a task.
     pub async fn stop(&self, forget: bool) {
+        {
+            let mut mb = lock(&self.cell.mailbox);
+            if mb.closed {
+                return;
+            }
+            if !forget && mb.queue.is_empty() && mb.parked.as_ref().is_some_and(|t| !t.unsaved) {
+                mb.closed = true;
+                let task = mb.parked.take();
+                let timer = mb.timer.take();
+                drop(mb);
+                if let (Some(task), Some(key)) = (task, timer) {
+                    task.shared.timers.cancel(key);
+                }
+                return;
+            }
+        }
         let _ = self.ask(|done| Command::Stop { forget, done }).await;
     }
 }
 
+/// The daemon's one timer queue: every resting session's next deadline (expiry flip or
+/// automatic attempt), served by one task ([`Timers::run`]) that spawns a session's task
+/// when its deadline comes. 10,000 resting sessions cost 10,000 entries, not 10,000 timers.
+#[derive(Debug, Default)]
+pub struct Timers {
+    queue: Mutex<TimerQueue>,
+    /// The earliest deadline moved earlier.
+    notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct TimerQueue {
+    entries: BTreeMap<TimerKey, Weak<Cell>>,
+    seq: u64,
+}
+
+/// A deadline and a sequence number that makes it unique.
+type TimerKey = (tokio::time::Instant, u64);
+
+impl Timers {
+    /// Moves a session's deadline (`slot` is its current entry) to `at`, or removes it.
+    fn set(&self, cell: &Arc<Cell>, slot: &mut Option<TimerKey>, at: Option<tokio::time::Instant>) {
+        let mut q = lock(&self.queue);
+        if let Some(old) = slot.take() {
+            q.entries.remove(&old);
+        }
+        let Some(at) = at else { return };
+        q.seq += 1;
+        let key = (at, q.seq);
+        let earlier = q.entries.first_key_value().is_none_or(|(first, _)| key < *first);
+        q.entries.insert(key, Arc::downgrade(cell));
+        *slot = Some(key);
+        drop(q);
+        if earlier {
+            self.notify.notify_one();
+        }
+    }
+
+    fn cancel(&self, key: TimerKey) {
+        lock(&self.queue).entries.remove(&key);
+    }
+
+    /// Serves the queue; runs for the life of the daemon.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let next = lock(&self.queue).entries.first_key_value().map(|(k, _)| k.0);
+            let notified = self.notify.notified();
+            match next {
+                Some(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = notified => continue,
+                    }
+                }
+                None => {
+                    notified.await;
+                    continue;
+                }
+            }
+            let now = tokio::time::Instant::now();
+            let due: Vec<(TimerKey, Weak<Cell>)> = {
+                let mut q = lock(&self.queue);
+                let later = q.entries.split_off(&(now, u64::MAX));
+                std::mem::replace(&mut q.entries, later).into_iter().collect()
+            };
+            for (key, cell) in due {
+                if let Some(cell) = cell.upgrade() {
+                    cell.fire(key);
+                }
+            }
+        }
+    }
+}
 /// A caller waiting for the attempt under way.
 #[derive(Debug)]
 enum Waiter {
@@ -753,7 +952,8 @@ struct Task {
     attempt: Option<Attempt>,
     /// `LoginWithSignedRequest` callers waiting for their turn.
     signed_queue: VecDeque<(Secret, oneshot::Sender<Result<f64, ApiError>>)>,
-    snapshot_tx: watch::Sender<Snapshot>,
+    /// Where the snapshot is published (the cell owns the task while it rests, hence weak).
+    cell: Weak<Cell>,
     /// Modification stamp of the credential file at the last rejection.
     credential_stamp: Option<(i64, i64, u64, u64)>,
     /// Pacing was announced in the log (once per episode).
@@ -769,7 +969,8 @@ fn file_stamp(src: &CredentialSource) -> Option<(i64, i64, u64, u64)> {
     Some((m.mtime(), m.mtime_nsec(), m.len(), m.ino()))
 }
 
-/// Starts a session's task. `record` is what the store kept of it, if anything.
+/// Starts a session. `record` is what the store kept of it, if anything. No task runs
+/// until a command or the session's first deadline.
 pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shared>) -> SessionHandle {
     let now = shared.clock.now();
     let has_backend = settings.clients.has_backend();
@@ -783,33 +984,99 @@ pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shar
     if core.mode == Mode::Active && !has_backend && core.token.is_none() {
         core.mode = Mode::LoggedOut;
     }
-    // Boxed commands: tokio allocates a channel's first block of 32 slots up front, and a
-    // daemon may hold 10,000 resting sessions. Commands beyond the buffer wait for room.
-    let (tx, rx) = mpsc::channel(64);
+    if core.token.is_some() || core.mode == Mode::Active {
+        debug!(
+            session = %settings.profile.id,
+            state = core.state(now).as_str(),
+            expires_at = %core.expires_at.map(fmt_time).unwrap_or_else(|| "none".into()),
+            "session loaded"
+        );
+    }
     let snap = build_snapshot(&settings, &core, &shared, now);
-    let (snapshot_tx, snapshot_rx) = watch::channel(snap);
-    let handle =
-        SessionHandle { id: settings.profile.id.clone(), tx, snapshot: snapshot_rx, clock: shared.clock.clone() };
-    let span = tracing::info_span!(
-        "session",
-        session = %settings.profile.id,
-        unique_user_id = %settings.profile.unique_user_id
-    );
-    let task = Task {
+    let (hold, _) = hold(&core, &shared, &settings.profile.unique_user_id, now);
+    let wake = core.next_wake(hold).map(|w| tokio::time::Instant::now() + until(now, w));
+    let cell = Arc::new(Cell {
+        id: settings.profile.id.clone(),
+        shared: shared.clone(),
+        snapshot: RwLock::new(snap),
+        mailbox: Mutex::new(Mailbox { queue: VecDeque::new(), parked: None, closed: false, timer: None }),
+        notify: Notify::new(),
+    });
+    let timers = shared.timers.clone();
+    let task = Box::new(Task {
         settings,
         core,
         shared,
+        cell: Arc::downgrade(&cell),
         attempt: None,
         signed_queue: VecDeque::new(),
-        snapshot_tx,
         credential_stamp: None,
         pacing_logged: false,
         unsaved: false,
-    };
-    tokio::spawn(task.run(rx).instrument(span));
-    handle
+    });
+    {
+        let mut mb = lock(&cell.mailbox);
+        timers.set(&cell, &mut mb.timer, wake);
+        mb.parked = Some(task);
+    }
+    SessionHandle { cell }
 }
 
+/// A session's task: answers the queued commands, runs the time-driven work and the attempt
+/// under way, and parks the state again when nothing is left to do.
+async fn run(cell: Arc<Cell>, mut task: Box<Task>) {
+    loop {
+        let cmd = lock(&cell.mailbox).queue.pop_front();
+        if let Some(cmd) = cmd {
+            match cmd {
+                Command::Stop { forget, done } => {
+                    Box::pin(task.stop(forget)).await;
+                    let (queue, timer) = {
+                        let mut mb = lock(&cell.mailbox);
+                        mb.closed = true;
+                        (std::mem::take(&mut mb.queue), mb.timer.take())
+                    };
+                    if let Some(key) = timer {
+                        task.shared.timers.cancel(key);
+                    }
+                    // Callers still in line learn that the session stopped.
+                    drop(queue);
+                    let _ = done.send(());
+                    return;
+                }
+                cmd => Box::pin(task.handle(cmd)).await,
+            }
+            continue;
+        }
+        let now = task.now();
+        task.tick(now);
+        task.publish(now);
+        if let Some(attempt) = task.attempt.as_mut() {
+            let notified = cell.notify.notified();
+            tokio::select! {
+                result = &mut attempt.fut => Box::pin(task.finish(result)).await,
+                _ = notified => {}
+            }
+            continue;
+        }
+        let hold = task.hold(now);
+        let wake = task.core.next_wake(hold).map(|w| tokio::time::Instant::now() + until(now, w));
+        let timers = task.shared.timers.clone();
+        let mut mb = lock(&cell.mailbox);
+        if !mb.queue.is_empty() {
+            continue;
+        }
+        // A burst of callers leaves a large buffer behind; a resting session keeps none.
+        if mb.queue.capacity() > 0 {
+            mb.queue = VecDeque::new();
+        }
+        let mut slot = mb.timer.take();
+        timers.set(&cell, &mut slot, wake);
+        mb.timer = slot;
+        mb.parked = Some(task);
+        return;
+    }
+}
 /// When the next automatic attempt is held back to: the budget, or pacing.
 fn hold(core: &Core, shared: &Shared, uid: &str, now: f64) -> (Option<f64>, bool) {
     let free = shared.budget_free_at(uid, core.params.budget, now);
@@ -863,48 +1130,6 @@ impl Task {
         h
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Box<Command>>) {
-        if self.core.token.is_some() || self.core.mode == Mode::Active {
-            debug!(
-                state = self.core.state(self.now()).as_str(),
-                expires_at = %self.core.expires_at.map(fmt_time).unwrap_or_else(|| "none".into()),
-                "session loaded"
-            );
-        }
-        loop {
-            let now = self.now();
-            self.tick(now);
-            self.publish(now);
-            let hold = self.hold(now);
-            let wake = self.core.next_wake(hold);
-            let sleep =
-                tokio::time::sleep(wake.map(|w| until(now, w)).unwrap_or(std::time::Duration::from_secs(86_400)));
-            tokio::pin!(sleep);
-            tokio::select! {
-                cmd = rx.recv() => match cmd.map(|c| *c) {
-                    None => {
-                        Box::pin(self.stop(false)).await;
-                        return;
-                    }
-                    Some(Command::Stop { forget, done }) => {
-                        Box::pin(self.stop(forget)).await;
-                        let _ = done.send(());
-                        return;
-                    }
-                    // Boxed, so the idle task's future stays small (10,000 of them may rest).
-                    Some(cmd) => Box::pin(self.handle(cmd)).await,
-                },
-                result = async {
-                    match self.attempt.as_mut() {
-                        Some(a) => (&mut a.fut).await,
-                        None => std::future::pending().await,
-                    }
-                } => Box::pin(self.finish(result)).await,
-                _ = &mut sleep, if wake.is_some() => {}
-            }
-        }
-    }
-
     /// Time-driven work: the expiry flip and a due automatic attempt.
     fn tick(&mut self, now: f64) {
         if let (Some(_), Some(exp), false) = (&self.core.token, self.core.expires_at, self.core.expired_announced)
@@ -930,17 +1155,15 @@ impl Task {
     }
 
     fn publish(&self, now: f64) {
+        let Some(cell) = self.cell.upgrade() else { return };
         let snap = build_snapshot(&self.settings, &self.core, &self.shared, now);
-        let mut changed = None;
-        self.snapshot_tx.send_if_modified(|current| {
-            if *current != snap {
-                let old = std::mem::replace(current, snap.clone());
-                changed = Some(Box::new((old, snap)));
-                true
-            } else {
-                false
-            }
-        });
+        let changed = {
+            let mut current = write(&cell.snapshot);
+            (*current != snap).then(|| {
+                let old = std::mem::replace(&mut *current, snap.clone());
+                Box::new((old, snap))
+            })
+        };
         if let Some(c) = changed {
             let _ = self.shared.updates.send(Update::Changed(c));
         }
@@ -1318,7 +1541,7 @@ fn answer_err(w: Waiter, e: ApiError) {
 }
 
 struct AttemptCtx {
-    clients: Clients,
+    clients: Arc<Clients>,
     profile: Profile,
     device_id: String,
     clock: Clock,
