@@ -263,10 +263,7 @@ impl Daemon {
     async fn load_record(&self, id: &str) -> Option<SessionRecord> {
         let store = self.shared.store.clone()?;
         let id = id.to_owned();
-        tokio::task::spawn_blocking(move || store.load_sessions().ok().and_then(|mut m| m.remove(&id)))
-            .await
-            .ok()
-            .flatten()
+        tokio::task::spawn_blocking(move || store.load_session(&id).ok().flatten()).await.ok().flatten()
     }
 
     /// Stops every session, flushing its state.
@@ -399,8 +396,11 @@ impl Controls {
 pub async fn run(location: ConfigLocation, config: Config, mut controls: Controls) -> Result<(), RunError> {
     let clock = controls.clock.clone();
     let store = open_store(&config);
-    let (device_id, logins, records) = match store.clone() {
-        Some(s) => tokio::task::spawn_blocking(move || {
+    // Read on this thread, not the blocking pool: nothing is served yet, and what is read
+    // stays in the main allocator arena instead of pinning a worker thread's arena (with
+    // 10,000 sessions, about 8 MiB).
+    let (device_id, logins, records) = match store.as_ref() {
+        Some(s) => {
             let device_id = s.device_id().unwrap_or_else(|e| {
                 error!(error = %e, "cannot keep the device id; using a new one for this run");
                 crate::authreq::random_hex128()
@@ -414,9 +414,7 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
                 Default::default()
             });
             (device_id, logins, records)
-        })
-        .await
-        .map_err(|e| RunError::Other(format!("state loader failed: {e}")))?,
+        }
         None => (crate::authreq::random_hex128(), Default::default(), Default::default()),
     };
     let clients = Arc::new(build_clients(&config).map_err(RunError::Other)?);

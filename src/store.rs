@@ -238,6 +238,20 @@ impl Store {
         Ok(out)
     }
 
+    /// One stored session, if its file exists and parses (a corrupt one is moved aside).
+    pub fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        if crate::config::validate_session_id(id).is_err() {
+            return Ok(None);
+        }
+        match read_json::<SessionRecord>(&self.session_path(id))? {
+            Read::Ok(mut rec) => {
+                rec.id = id.to_owned();
+                Ok(Some(rec))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Saves a session's record.
     pub fn save_session(&self, rec: &SessionRecord) -> Result<(), StoreError> {
         let mut rec = rec.clone();
@@ -316,6 +330,10 @@ mod tests {
         let loaded = store.load_sessions().unwrap();
         assert_eq!(loaded["default"].token, rec.token);
         assert_eq!(loaded["default"].expires_at, Some(123.5));
+        let one = store.load_session("default").unwrap().unwrap();
+        assert_eq!((one.id.as_str(), one.token), ("default", rec.token.clone()));
+        assert!(store.load_session("other").unwrap().is_none());
+        assert!(store.load_session("../default").unwrap().is_none(), "ids are checked before use as paths");
         store.save_logins("user-0001", &[1.0, 2.0]).unwrap();
         assert_eq!(store.load_logins().unwrap()["user-0001"], vec![1.0, 2.0]);
         store.remove_session("default").unwrap();
