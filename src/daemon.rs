@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use zbus::Connection;
 
 use crate::bus::{Access, ManagerObject, Notifier, ObjectManagerObject, ProfileArgs, Registry, SessionObject};
@@ -395,6 +395,7 @@ impl Controls {
 /// Runs the daemon until `controls.shutdown` fires.
 pub async fn run(location: ConfigLocation, config: Config, mut controls: Controls) -> Result<(), RunError> {
     let clock = controls.clock.clone();
+    let started = std::time::Instant::now();
     let store = open_store(&config);
     // Read on this thread, not the blocking pool: nothing is served yet, and what is read
     // stays in the main allocator arena instead of pinning a worker thread's arena (with
@@ -417,6 +418,7 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
         }
         None => (crate::authreq::random_hex128(), Default::default(), Default::default()),
     };
+    debug!(sessions = records.len(), elapsed_ms = started.elapsed().as_millis() as u64, "state loaded");
     let clients = Arc::new(build_clients(&config).map_err(RunError::Other)?);
     let (updates_tx, updates_rx) = mpsc::unbounded_channel();
     let timers = Arc::new(session::Timers::default());
@@ -487,6 +489,7 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
         .await
         .map_err(|e| RunError::Other(format!("cannot serve the manager: {e}")))?;
 
+    debug!(elapsed_ms = started.elapsed().as_millis() as u64, "objects served");
     // The name is claimed only once every object is served.
     match conn.request_name_with_flags(names::BUS_NAME, zbus::fdo::RequestNameFlags::DoNotQueue.into()).await {
         Ok(zbus::fdo::RequestNameReply::PrimaryOwner | zbus::fdo::RequestNameReply::AlreadyOwner) => {}
@@ -503,7 +506,13 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
         }
     }
     let status = daemon.status_line().await;
-    info!(version = names::VERSION, name = names::BUS_NAME, %status, "ready");
+    info!(
+        version = names::VERSION,
+        name = names::BUS_NAME,
+        %status,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "ready"
+    );
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
 
     let (outside_tx, mut outside_rx) = mpsc::unbounded_channel();
