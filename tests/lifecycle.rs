@@ -350,3 +350,41 @@ async fn a_backend_configured_later_starts_a_session_that_was_only_waiting_for_o
     assert_eq!(s.state().await.unwrap(), "logged-out");
     assert_eq!(env.sim.counters().login_ok, 1);
 }
+
+/// The sessions found at start are served before the name is claimed and are not announced
+/// one by one (nobody watching the service could receive it); `GetManagedObjects` lists
+/// them, and a session added later is announced.
+#[tokio::test]
+async fn sessions_found_at_start_are_listed_not_announced() {
+    let env = Env::with_lifetime(Duration::from_secs(300)).await;
+    env.write_config(&Cfg::default());
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.freedesktop.DBus.ObjectManager")
+        .unwrap()
+        .member("InterfacesAdded")
+        .unwrap()
+        .build();
+    let mut signals = zbus::MessageStream::for_match_rule(rule, &env.conn, None).await.unwrap();
+    let _d = env.start_daemon().await;
+    let om = zbus::fdo::ObjectManagerProxy::builder(&env.conn)
+        .destination(entrupy_tokend::names::BUS_NAME)
+        .unwrap()
+        .path(entrupy_tokend::names::MANAGER_PATH)
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let objects = om.get_managed_objects().await.unwrap();
+    let paths: Vec<&str> = objects.keys().map(|p| p.as_str()).collect();
+    assert_eq!(paths, ["/com/entrupy/TokenDaemon1/session/default"]);
+    let mut profile = std::collections::HashMap::new();
+    profile.insert("unique_user_id", zbus::zvariant::Value::from("user-0002-abcd"));
+    profile.insert("email", zbus::zvariant::Value::from("second@example.com"));
+    let added = env.manager().await.add_session("later", profile).await.unwrap();
+    // The first InterfacesAdded the bus delivered is the added session's.
+    let msg = tokio::time::timeout(T, signals.next()).await.unwrap().unwrap().unwrap();
+    type Interfaces = std::collections::HashMap<String, std::collections::HashMap<String, zbus::zvariant::OwnedValue>>;
+    let (path, _): (zbus::zvariant::OwnedObjectPath, Interfaces) = msg.body().deserialize().unwrap();
+    assert_eq!(path.as_str(), added.as_str());
+}

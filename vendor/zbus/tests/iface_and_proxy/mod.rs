@@ -1,0 +1,4 @@
+pub mod client;
+pub mod helpers;
+pub mod iface;
+pub mod types;
