@@ -171,7 +171,7 @@ impl ObjectManagerObject {
         let mut out = ManagedObjects::new();
         for snap in self.registry.snapshots().await {
             let mut props: HashMap<String, OwnedValue> = HashMap::new();
-            props.insert("Id".to_owned(), OwnedValue::from(zbus::zvariant::Str::from(snap.id.clone())));
+            props.insert("Id".to_owned(), OwnedValue::from(zbus::zvariant::Str::from(snap.id.to_string())));
             for (name, value) in property_values(&snap) {
                 if let Ok(v) = OwnedValue::try_from(value) {
                     props.insert(name.to_owned(), v);
@@ -470,7 +470,7 @@ impl SessionObject {
     /// As returned by the backend.
     #[zbus(property)]
     fn username(&self) -> String {
-        self.handle.with_snapshot(|s| s.username.clone())
+        self.handle.with_snapshot(|s| s.username.to_string())
     }
 
     /// `logged-out`, `valid`, `refreshing`, `expired`, `needs-reauthorization` or `failed`.
@@ -548,7 +548,7 @@ impl SessionObject {
 fn property_values(s: &Snapshot) -> Vec<(&'static str, Value<'static>)> {
     vec![
         ("UniqueUserId", Value::from(s.unique_user_id.clone())),
-        ("Username", Value::from(s.username.clone())),
+        ("Username", Value::from(s.username.to_string())),
         ("State", Value::from(s.state.as_str().to_owned())),
         ("Valid", Value::from(s.valid)),
         ("ExpiresAt", Value::from(s.expires_at_secs())),

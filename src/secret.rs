@@ -4,16 +4,19 @@
 //! error message or a `LastError` by accident shows nothing. The only way to the text is the
 //! explicit [`Secret::expose`], which makes every use easy to find.
 
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
-/// A string that must never reach a log, an error message or `LastError`.
-#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A string that must never reach a log, an error message or `LastError`. Shared, not
+/// copied: the session's state, its published snapshot and the callers it answers hold one
+/// text.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
 
 impl Secret {
     /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
         Self(value.into())
     }
 
@@ -30,6 +33,24 @@ impl Secret {
     /// Whether the secret is the empty string.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+impl Default for Secret {
+    fn default() -> Self {
+        Self::new("")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::new)
     }
 }
 
@@ -55,6 +76,9 @@ mod tests {
         assert_eq!(format!("{s:?}"), "[redacted]");
         assert_eq!(format!("{s}"), "[redacted]");
         assert_eq!(s.expose(), "hunter2-token");
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(json, "\"hunter2-token\"");
+        assert_eq!(serde_json::from_str::<Secret>(&json).unwrap(), s);
         let wrapped = Some(s);
         assert!(!format!("{wrapped:?}").contains("hunter2"));
     }

@@ -155,7 +155,7 @@ pub struct Core {
     /// No request before this (a 429's `Retry-After`).
     pub not_before: Option<f64>,
     /// As returned by the backend.
-    pub username: String,
+    pub username: Arc<str>,
     /// Last failure's name.
     pub last_error: Option<ErrorName>,
     /// An attempt is under way.
@@ -203,7 +203,7 @@ impl Core {
             retry_at: None,
             backoff_attempt: 0,
             not_before: None,
-            username: String::new(),
+            username: Arc::from(""),
             last_error: None,
             in_flight: false,
             expired_announced: false,
@@ -216,7 +216,7 @@ impl Core {
     /// (without jitter) is due at once; one before it keeps its stored plan.
     pub fn restore(params: Params, has_backend: bool, rec: &SessionRecord, now: f64) -> Self {
         let mut c = Core::new(params, has_backend);
-        c.username = rec.username.clone();
+        c.username = rec.username.as_str().into();
         c.last_error = rec.last_error.as_deref().and_then(ErrorName::parse);
         c.last_login_at = rec.last_login_at;
         if rec.logged_out {
@@ -429,11 +429,11 @@ impl Core {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     /// Session id.
-    pub id: String,
+    pub id: Arc<str>,
     /// The user.
     pub unique_user_id: String,
     /// As returned by the backend.
-    pub username: String,
+    pub username: Arc<str>,
     /// Public state.
     pub state: State,
     /// The token, when held.
@@ -625,7 +625,7 @@ pub struct SessionHandle {
 
 /// What a session keeps between tasks.
 struct Cell {
-    id: String,
+    id: Arc<str>,
     shared: Arc<Shared>,
     /// What the bus reads without waiting on the task.
     snapshot: RwLock<Snapshot>,
@@ -946,10 +946,12 @@ struct Attempt {
 
 /// The task's state.
 struct Task {
+    /// Session id (shared with the cell and the snapshot).
+    id: Arc<str>,
     settings: Settings,
     core: Core,
     shared: Arc<Shared>,
-    attempt: Option<Attempt>,
+    attempt: Option<Box<Attempt>>,
     /// `LoginWithSignedRequest` callers waiting for their turn.
     signed_queue: VecDeque<(Secret, oneshot::Sender<Result<f64, ApiError>>)>,
     /// Where the snapshot is published (the cell owns the task while it rests, hence weak).
@@ -992,11 +994,12 @@ pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shar
             "session loaded"
         );
     }
-    let snap = build_snapshot(&settings, &core, &shared, now);
+    let id: Arc<str> = settings.profile.id.as_str().into();
+    let snap = build_snapshot(&id, &settings, &core, &shared, now);
     let (hold, _) = hold(&core, &shared, &settings.profile.unique_user_id, now);
     let wake = core.next_wake(hold).map(|w| tokio::time::Instant::now() + until(now, w));
     let cell = Arc::new(Cell {
-        id: settings.profile.id.clone(),
+        id: id.clone(),
         shared: shared.clone(),
         snapshot: RwLock::new(snap),
         mailbox: Mutex::new(Mailbox { queue: VecDeque::new(), parked: None, closed: false, timer: None }),
@@ -1004,6 +1007,7 @@ pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shar
     });
     let timers = shared.timers.clone();
     let task = Box::new(Task {
+        id,
         settings,
         core,
         shared,
@@ -1085,11 +1089,11 @@ fn hold(core: &Core, shared: &Shared, uid: &str, now: f64) -> (Option<f64>, bool
     (hold, pace.is_some())
 }
 
-fn build_snapshot(settings: &Settings, core: &Core, shared: &Shared, now: f64) -> Snapshot {
+fn build_snapshot(id: &Arc<str>, settings: &Settings, core: &Core, shared: &Shared, now: f64) -> Snapshot {
     let uid = &settings.profile.unique_user_id;
     let (free, pacing) = hold(core, shared, uid, now);
     Snapshot {
-        id: settings.profile.id.clone(),
+        id: id.clone(),
         unique_user_id: uid.clone(),
         username: core.username.clone(),
         state: core.state(now),
@@ -1156,7 +1160,7 @@ impl Task {
 
     fn publish(&self, now: f64) {
         let Some(cell) = self.cell.upgrade() else { return };
-        let snap = build_snapshot(&self.settings, &self.core, &self.shared, now);
+        let snap = build_snapshot(&self.id, &self.settings, &self.core, &self.shared, now);
         let changed = {
             let mut current = write(&cell.snapshot);
             (*current != snap).then(|| {
@@ -1194,7 +1198,8 @@ impl Task {
             shared: self.shared.clone(),
         };
         debug!(event = "login_attempt", attempt = self.core.backoff_attempt + 1, asked, "login attempt");
-        self.attempt = Some(Attempt { fut: Box::pin(run_attempt(kind, ctx)), asked, reserved_at: now, waiters });
+        self.attempt =
+            Some(Box::new(Attempt { fut: Box::pin(run_attempt(kind, ctx)), asked, reserved_at: now, waiters }));
     }
 
     async fn handle(&mut self, cmd: Command) {
@@ -1292,7 +1297,7 @@ impl Task {
             self.core.cleanup();
             self.core.cleaned_up = cleaned_up;
             self.core.mode = if mode == Mode::LoggedOut || !has_backend { Mode::LoggedOut } else { Mode::Active };
-            self.core.username.clear();
+            self.core.username = Arc::from("");
         } else {
             self.core.unblock();
             if let (Some(exp), Some(rx)) = (self.core.expires_at, self.core.last_login_at) {
@@ -1351,7 +1356,7 @@ impl Task {
                 self.shared.settle(&uid, attempt.reserved_at, Some(s.received_at));
                 self.core.token = Some(s.login.token.clone());
                 if let Some(name) = s.username.clone() {
-                    self.core.username = name;
+                    self.core.username = name.into();
                 }
                 self.core.apply(
                     &Outcome::Success { expires_at: s.login.expires_at, received_at: s.received_at },
@@ -1490,7 +1495,7 @@ impl Task {
                 },
             }),
             unique_user_id: p.unique_user_id.clone(),
-            username: self.core.username.clone(),
+            username: self.core.username.to_string(),
             token: self.core.token.clone(),
             expires_at: self.core.expires_at,
             last_login_at: self.core.last_login_at,
