@@ -23,9 +23,11 @@ pub fn stderr_is_journal() -> bool {
 /// Installs the global subscriber. `level` is a `RUST_LOG`-style filter (the `--log-level`
 /// flag); `RUST_LOG` wins when set.
 pub fn init(level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty() && EnvFilter::try_new(s).is_ok())
+        .unwrap_or_else(|| level.to_owned());
+    let filter = filter(&spec);
     if stderr_is_journal()
         && let Ok(journald) = tracing_journald::layer()
     {
@@ -46,5 +48,40 @@ pub fn init(level: &str) {
         let _ = tracing_subscriber::registry().with(filter).with(fmt.without_time()).try_init();
     } else {
         let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
+    }
+}
+
+/// The filter for `spec`. zbus opens an INFO-level span for every incoming method call
+/// (`ObjectServer::dispatch_call`), and the subscriber formats its fields (the whole message,
+/// with `Debug`) each time: about 15% of the bus throughput (`scripts/bench --only
+/// throughput`, perf). Its INFO output tells an admin nothing, so zbus is held to warnings
+/// unless the filter names it.
+fn filter(spec: &str) -> EnvFilter {
+    let filter = EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    if spec.contains("zbus") {
+        return filter;
+    }
+    match "zbus=warn".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn directives(spec: &str) -> Vec<String> {
+        let mut d: Vec<String> = filter(spec).to_string().split(',').map(str::to_owned).collect();
+        d.sort();
+        d
+    }
+
+    #[test]
+    fn zbus_is_held_to_warnings_unless_named() {
+        assert_eq!(directives("info"), ["info", "zbus=warn"]);
+        assert_eq!(directives("debug,entrupy_tokend=trace"), ["debug", "entrupy_tokend=trace", "zbus=warn"]);
+        assert_eq!(directives("info,zbus=trace"), ["info", "zbus=trace"]);
+        assert_eq!(directives("entrupy_tokend=loud"), ["info", "zbus=warn"]);
     }
 }

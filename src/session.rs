@@ -1050,6 +1050,8 @@ async fn run(cell: Arc<Cell>, mut task: Box<Task>) {
                 }
                 cmd => Box::pin(task.handle(cmd)).await,
             }
+            // A long queue (thousands of callers at once) must not keep the bus waiting.
+            tokio::task::consume_budget().await;
             continue;
         }
         let now = task.now();
