@@ -269,14 +269,7 @@ async fn manager_adds_lists_and_removes_sessions() {
     assert_eq!(err_name(m.get_session("nope").await), "NoSuchSession");
     use std::collections::HashMap;
     use zbus::zvariant::Value;
-    let om = zbus::fdo::ObjectManagerProxy::builder(&env.conn)
-        .destination(entrupy_tokend::names::BUS_NAME)
-        .unwrap()
-        .path(entrupy_tokend::names::MANAGER_PATH)
-        .unwrap()
-        .build()
-        .await
-        .unwrap();
+    let om = env.object_manager().await;
     let mut added = om.receive_interfaces_added().await.unwrap();
     let mut removed = om.receive_interfaces_removed().await.unwrap();
     let profile = |uid: &'static str| {
@@ -367,14 +360,7 @@ async fn sessions_found_at_start_are_listed_not_announced() {
         .build();
     let mut signals = zbus::MessageStream::for_match_rule(rule, &env.conn, None).await.unwrap();
     let _d = env.start_daemon().await;
-    let om = zbus::fdo::ObjectManagerProxy::builder(&env.conn)
-        .destination(entrupy_tokend::names::BUS_NAME)
-        .unwrap()
-        .path(entrupy_tokend::names::MANAGER_PATH)
-        .unwrap()
-        .build()
-        .await
-        .unwrap();
+    let om = env.object_manager().await;
     let objects = om.get_managed_objects().await.unwrap();
     let paths: Vec<&str> = objects.keys().map(|p| p.as_str()).collect();
     assert_eq!(paths, ["/com/entrupy/TokenDaemon1/session/default"]);

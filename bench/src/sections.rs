@@ -837,7 +837,7 @@ pub async fn startup(s: &Settings, rep: &mut Report) -> Result<()> {
             None => format!("{:.2} MiB ({size} bytes)", size as f64 / MIB / MIB),
         },
         None,
-        "file size of target/release/entrupy-tokend ([profile.release] strip = \"symbols\", lto = \"thin\"); \
+        "file size of target/release/entrupy-tokend ([profile.release] strip = \"symbols\", lto = \"fat\", codegen-units = 1); \
          `strip -o` re-checked",
     );
     let env = Env::new(SimConfig::default(), &s.tokend).await?;

@@ -247,6 +247,17 @@ impl Env {
         ManagerProxy::builder(&self.conn).cache_properties(CacheProperties::No).build().await.unwrap()
     }
 
+    pub async fn object_manager(&self) -> zbus::fdo::ObjectManagerProxy<'static> {
+        zbus::fdo::ObjectManagerProxy::builder(&self.conn)
+            .destination(names::BUS_NAME)
+            .unwrap()
+            .path(names::MANAGER_PATH)
+            .unwrap()
+            .build()
+            .await
+            .unwrap()
+    }
+
     /// Runs `entrupy-tokenctl` against this bus.
     pub fn tokenctl(&self, args: &[&str]) -> std::process::Output {
         Command::new(TOKENCTL)
