@@ -201,7 +201,7 @@ impl Daemon {
         let inner = self.inner.lock().await;
         let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
         for e in inner.sessions.values() {
-            *counts.entry(e.handle.snapshot().state.as_str()).or_default() += 1;
+            *counts.entry(e.handle.with_snapshot(|s| s.state.as_str())).or_default() += 1;
         }
         if counts.is_empty() {
             return "no sessions configured".to_owned();
