@@ -143,7 +143,8 @@ pub trait Registry: Send + Sync + 'static {
 /// `org.freedesktop.DBus.ObjectManager` at `/com/entrupy/TokenDaemon1`. zbus's own lists
 /// every node under the manager, the interface-less `/com/entrupy/TokenDaemon1/session`
 /// among them; this one lists exactly the sessions. zbus still emits `InterfacesAdded` and
-/// `InterfacesRemoved` when session objects come and go (it recognizes the interface name).
+/// `InterfacesRemoved` when session objects come and go (it recognizes the interface name),
+/// except for the sessions served at start (`ObjectServer::at_quiet`, see `daemon::run`).
 pub struct ObjectManagerObject {
     registry: Arc<dyn Registry>,
 }

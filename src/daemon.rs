@@ -67,9 +67,9 @@ pub struct Daemon {
     access: Arc<Access>,
     notifier: Arc<Notifier>,
     conn: Connection,
-    /// The sessions found at start are served: from now on (the bus name is claimed next),
-    /// new session objects are announced with `InterfacesAdded`.
-    name_owned: std::sync::atomic::AtomicBool,
+    /// New session objects are announced with `InterfacesAdded`: false only while the
+    /// sessions found at start are served, before the bus name is claimed.
+    announce_sessions: std::sync::atomic::AtomicBool,
     inner: tokio::sync::Mutex<Inner>,
 }
 
@@ -127,10 +127,10 @@ impl Daemon {
         let path = names::session_path(handle.id());
         let obj = SessionObject::new(handle, self.access.clone());
         let server = self.conn.object_server();
-        if self.name_owned.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.announce_sessions.load(std::sync::atomic::Ordering::Relaxed) {
             server.at(path.as_str(), obj).await?;
         } else {
-            // Before the name is ours, an `InterfacesAdded` per session reaches no client
+            // Before the name is claimed, an `InterfacesAdded` per session reaches no client
             // watching the service (they read `GetManagedObjects` once the name appears) and
             // costs the bus and us about 20 us each: 200 ms of start-up with 10,000 sessions.
             server.at_quiet(path.as_str(), obj).await?;
@@ -466,7 +466,7 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
         access,
         notifier,
         conn: conn.clone(),
-        name_owned: std::sync::atomic::AtomicBool::new(false),
+        announce_sessions: std::sync::atomic::AtomicBool::new(false),
         inner: tokio::sync::Mutex::new(Inner { config: config.clone(), clients, sessions: BTreeMap::new() }),
     });
 
@@ -497,7 +497,7 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
     }
 
     // Sessions added from here on (AddSession, reload) are announced.
-    daemon.name_owned.store(true, std::sync::atomic::Ordering::Relaxed);
+    daemon.announce_sessions.store(true, std::sync::atomic::Ordering::Relaxed);
     let server = conn.object_server();
     server
         .at(names::MANAGER_PATH, ManagerObject::new(daemon.clone(), daemon.access.clone()))

@@ -490,7 +490,7 @@ pub enum Update {
     /// copy per session).
     Changed(Box<(Snapshot, Snapshot)>),
     /// A session's signal.
-    Event(String, SessionEvent),
+    Event(Arc<str>, SessionEvent),
 }
 
 /// Settings a session runs with; replaced on reload.
@@ -683,12 +683,7 @@ impl Cell {
             return Err((cmd, too_many_waiters()));
         }
         mb.queue.push_back(cmd);
-        let parked = mb.parked.take();
-        drop(mb);
-        match parked {
-            Some(task) => spawn_task(self.clone(), task),
-            None => self.notify.notify_one(),
-        }
+        self.run_task(mb);
         Ok(())
     }
 
@@ -698,6 +693,11 @@ impl Cell {
         if mb.timer == Some(key) {
             mb.timer = None;
         }
+        self.run_task(mb);
+    }
+
+    /// Spawns the session's task with the parked state, or wakes the task that holds it.
+    fn run_task(self: &Arc<Self>, mut mb: MutexGuard<'_, Mailbox>) {
         let parked = mb.parked.take();
         drop(mb);
         match parked {
@@ -705,6 +705,26 @@ impl Cell {
             None => self.notify.notify_one(),
         }
     }
+
+    /// Refuses further commands and leaves the timer queue; returns what was parked and
+    /// queued (dropping the queue tells those callers the session stopped).
+    fn close(&self, mut mb: MutexGuard<'_, Mailbox>) -> (Option<Box<Task>>, VecDeque<Command>) {
+        mb.closed = true;
+        let parked = mb.parked.take();
+        let queue = std::mem::take(&mut mb.queue);
+        let timer = mb.timer.take();
+        drop(mb);
+        if let Some(key) = timer {
+            self.shared.timers.cancel(key);
+        }
+        (parked, queue)
+    }
+}
+
+/// When a task must look at the session again, on tokio's clock: `next_wake` (wall-clock
+/// seconds) seen from `now`.
+fn deadline(next_wake: Option<f64>, now: f64) -> Option<tokio::time::Instant> {
+    next_wake.map(|w| tokio::time::Instant::now() + until(now, w))
 }
 
 fn spawn_task(cell: Arc<Cell>, task: Box<Task>) {
@@ -815,18 +835,12 @@ impl SessionHandle {
     /// resting session whose state is saved stops at once, without a task.
     pub async fn stop(&self, forget: bool) {
         {
-            let mut mb = lock(&self.cell.mailbox);
+            let mb = lock(&self.cell.mailbox);
             if mb.closed {
                 return;
             }
             if !forget && mb.queue.is_empty() && mb.parked.as_ref().is_some_and(|t| !t.unsaved) {
-                mb.closed = true;
-                let task = mb.parked.take();
-                let timer = mb.timer.take();
-                drop(mb);
-                if let (Some(task), Some(key)) = (task, timer) {
-                    task.shared.timers.cancel(key);
-                }
+                self.cell.close(mb);
                 return;
             }
         }
@@ -997,7 +1011,7 @@ pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shar
     let id: Arc<str> = settings.profile.id.as_str().into();
     let snap = build_snapshot(&id, &settings, &core, &shared, now);
     let (hold, _) = hold(&core, &shared, &settings.profile.unique_user_id, now);
-    let wake = core.next_wake(hold).map(|w| tokio::time::Instant::now() + until(now, w));
+    let wake = deadline(core.next_wake(hold), now);
     let cell = Arc::new(Cell {
         id: id.clone(),
         shared: shared.clone(),
@@ -1005,7 +1019,6 @@ pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shar
         mailbox: Mutex::new(Mailbox { queue: VecDeque::new(), parked: None, closed: false, timer: None }),
         notify: Notify::new(),
     });
-    let timers = shared.timers.clone();
     let task = Box::new(Task {
         id,
         settings,
@@ -1020,7 +1033,7 @@ pub fn spawn(settings: Settings, record: Option<SessionRecord>, shared: Arc<Shar
     });
     {
         let mut mb = lock(&cell.mailbox);
-        timers.set(&cell, &mut mb.timer, wake);
+        cell.shared.timers.set(&cell, &mut mb.timer, wake);
         mb.parked = Some(task);
     }
     SessionHandle { cell }
@@ -1035,16 +1048,8 @@ async fn run(cell: Arc<Cell>, mut task: Box<Task>) {
             match cmd {
                 Command::Stop { forget, done } => {
                     Box::pin(task.stop(forget)).await;
-                    let (queue, timer) = {
-                        let mut mb = lock(&cell.mailbox);
-                        mb.closed = true;
-                        (std::mem::take(&mut mb.queue), mb.timer.take())
-                    };
-                    if let Some(key) = timer {
-                        task.shared.timers.cancel(key);
-                    }
                     // Callers still in line learn that the session stopped.
-                    drop(queue);
+                    drop(cell.close(lock(&cell.mailbox)));
                     let _ = done.send(());
                     return;
                 }
@@ -1066,8 +1071,7 @@ async fn run(cell: Arc<Cell>, mut task: Box<Task>) {
             continue;
         }
         let hold = task.hold(now);
-        let wake = task.core.next_wake(hold).map(|w| tokio::time::Instant::now() + until(now, w));
-        let timers = task.shared.timers.clone();
+        let wake = deadline(task.core.next_wake(hold), now);
         let mut mb = lock(&cell.mailbox);
         if !mb.queue.is_empty() {
             continue;
@@ -1076,9 +1080,7 @@ async fn run(cell: Arc<Cell>, mut task: Box<Task>) {
         if mb.queue.capacity() > 0 {
             mb.queue = VecDeque::new();
         }
-        let mut slot = mb.timer.take();
-        timers.set(&cell, &mut slot, wake);
-        mb.timer = slot;
+        cell.shared.timers.set(&cell, &mut mb.timer, wake);
         mb.parked = Some(task);
         return;
     }
@@ -1157,7 +1159,7 @@ impl Task {
     /// Publishes the snapshot first, so a client reacting to the signal reads the new state.
     fn emit(&self, now: f64, ev: SessionEvent) {
         self.publish(now);
-        let _ = self.shared.updates.send(Update::Event(self.settings.profile.id.clone(), ev));
+        let _ = self.shared.updates.send(Update::Event(self.id.clone(), ev));
     }
 
     fn publish(&self, now: f64) {
@@ -1195,8 +1197,6 @@ impl Task {
         let ctx = AttemptCtx {
             clients: self.settings.clients.clone(),
             profile: self.settings.profile.clone(),
-            device_id: self.shared.device_id.clone(),
-            clock: self.shared.clock.clone(),
             shared: self.shared.clone(),
         };
         debug!(event = "login_attempt", attempt = self.core.backoff_attempt + 1, asked, "login attempt");
@@ -1550,8 +1550,7 @@ fn answer_err(w: Waiter, e: ApiError) {
 struct AttemptCtx {
     clients: Arc<Clients>,
     profile: Profile,
-    device_id: String,
-    clock: Clock,
+    /// The device id, the clock and the login budget.
     shared: Arc<Shared>,
 }
 
@@ -1567,8 +1566,8 @@ async fn run_attempt(kind: AttemptKind, ctx: AttemptCtx) -> Result<Success, Atte
             if let Some(r) = reservation.take() {
                 r.await;
             }
-            let login = ctx.clients.login(&signed, ctx.clock.now()).await.map_err(AttemptError::Http)?;
-            let received_at = ctx.clock.now();
+            let login = ctx.clients.login(&signed, ctx.shared.clock.now()).await.map_err(AttemptError::Http)?;
+            let received_at = ctx.shared.clock.now();
             let username = login.username.clone();
             Ok(Success { login, username, received_at })
         }
@@ -1584,7 +1583,7 @@ async fn run_attempt(kind: AttemptKind, ctx: AttemptCtx) -> Result<Success, Atte
             let mut tries = 0;
             loop {
                 tries += 1;
-                let auth = crate::authreq::generate(ctx.clock.now(), &ctx.device_id);
+                let auth = crate::authreq::generate(ctx.shared.clock.now(), &ctx.shared.device_id);
                 let req = http::SignRequest {
                     authorization_request: &auth,
                     unique_user_id: &p.unique_user_id,
@@ -1605,9 +1604,9 @@ async fn run_attempt(kind: AttemptKind, ctx: AttemptCtx) -> Result<Success, Atte
                 if signed.conflict {
                     warn!("the backend reported a profile conflict (409); the request is still signed");
                 }
-                match ctx.clients.login(&signed.signed, ctx.clock.now()).await {
+                match ctx.clients.login(&signed.signed, ctx.shared.clock.now()).await {
                     Ok(login) => {
-                        let received_at = ctx.clock.now();
+                        let received_at = ctx.shared.clock.now();
                         return Ok(Success { login, username: Some(signed.username), received_at });
                     }
                     Err(f) if f.kind == FailureKind::Unauthorized && tries < 2 => {

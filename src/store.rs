@@ -222,15 +222,14 @@ impl Store {
             let entry = entry.map_err(err(&dir, "cannot list"))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(id) = name.strip_suffix(".json") else { continue };
-            if name.starts_with('.') || crate::config::validate_session_id(id).is_err() {
+            if name.starts_with('.') {
                 continue;
             }
-            match read_json::<SessionRecord>(&entry.path()) {
-                Ok(Read::Ok(mut rec)) => {
-                    rec.id = id.to_owned();
+            match self.load_session(id) {
+                Ok(Some(rec)) => {
                     out.insert(id.to_owned(), rec);
                 }
-                Ok(_) => {}
+                Ok(None) => {}
                 // One unreadable file must not keep the others from loading.
                 Err(e) => tracing::error!(error = %e, "cannot read a session's state; skipping it"),
             }
@@ -238,7 +237,8 @@ impl Store {
         Ok(out)
     }
 
-    /// One stored session, if its file exists and parses (a corrupt one is moved aside).
+    /// One stored session, if its id is valid and its file exists and parses (a corrupt one
+    /// is moved aside).
     pub fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
         if crate::config::validate_session_id(id).is_err() {
             return Ok(None);

@@ -3,7 +3,8 @@
 //! back) on the system bus, and the [`WallTimer`] that drives the sweep on the wall clock and
 //! reports changes of the clock itself (`TFD_TIMER_CANCEL_ON_SET`).
 //!
-//! None of them is relied on alone: the cron sweep and each session's own timer still run.
+//! None of them is relied on alone: the cron sweep and the sessions' deadlines (in
+//! `session::Timers`) still run.
 //! Each watcher costs no wakeup while nothing happens.
 
 use futures_util::StreamExt;

@@ -596,7 +596,7 @@ pub async fn scale(s: &Settings, rep: &mut Report) -> Result<()> {
          simulator receiving the session's /sign request (so it includes the daemon persisting the login \
          reservation with fsync, and the HTTP connection)",
     );
-    // The daemon's own view: its "login attempt" log line (info) for each session.
+    // The daemon's own view: its "login attempt" log line (debug) for each session.
     let by_id: HashMap<String, f64> =
         planned.iter().filter_map(|(uid, at)| Some((format!("s{}", uid.strip_prefix("bench-user-")?), *at))).collect();
     let mut timer_ms = attempt_lateness(&d.log, &by_id);
@@ -665,7 +665,7 @@ pub async fn scale(s: &Settings, rep: &mut Report) -> Result<()> {
 
 /// For each session id in `planned`, the delay (ms) of its first `login attempt` log line
 /// after the planned instant. Log lines look like
-/// `2026-01-01T10:00:00.123456Z  INFO session{session=s00042}: login attempt attempt=1 asked=false`.
+/// `2026-01-01T10:00:00.123456Z DEBUG session{session=s00042 ...}: login attempt attempt=1 asked=false`.
 fn attempt_lateness(log: &std::path::Path, planned: &HashMap<String, f64>) -> Vec<f64> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let mut seen = HashSet::new();
