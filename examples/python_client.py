@@ -94,8 +94,8 @@ def main():
         print("IsAuthorizationValid: %s" % ("true" if valid else "false"), flush=True)
 
         step = "EnsureValid"
-        # One (st) struct: the reply is the tuple ((token, expires_at),).
-        ((token, exp),) = session.call_sync("EnsureValid", GLib.Variant("(u)", (args.min_seconds,)),
+        # Two out-arguments: the reply is the tuple (token, expires_at).
+        (token, exp) = session.call_sync("EnsureValid", GLib.Variant("(u)", (args.min_seconds,)),
                                             Gio.DBusCallFlags.NONE, -1, None).unpack()
     except GLib.Error as e:
         print("python_client: %s: %s" % (step, describe(e)), file=sys.stderr)

@@ -69,8 +69,8 @@ fn utc(t: u64) -> String {
 
 /// One line for a failed call: the daemon's short error name and its message.
 fn describe(e: &zbus::Error) -> String {
-    match (e, short_error_name(e)) {
-        (zbus::Error::MethodError(_, Some(msg), _), Some(name)) => format!("{name}: {msg}"),
+    match (entrupy_tokend::client::error_reply(e), short_error_name(e)) {
+        (Some((_, Some(msg))), Some(name)) => format!("{name}: {msg}"),
         (_, Some(name)) => name,
         _ => e.to_string(),
     }
@@ -82,12 +82,7 @@ async fn run(args: Args) -> Result<(), String> {
     let conn = zbus::Connection::session().await.map_err(call("cannot connect to the session bus"))?;
     let manager = ManagerProxy::new(&conn).await.map_err(call("Manager"))?;
     let path = manager.get_session(&args.session).await.map_err(call("GetSession"))?;
-    let session = SessionProxy::builder(&conn)
-        .path(path.clone())
-        .map_err(call("session path"))?
-        .build()
-        .await
-        .map_err(call("Session"))?;
+    let session = SessionProxy::builder(&conn).path(path.clone()).build().await.map_err(call("Session"))?;
     println!("session {}: {}", args.session, path.as_str());
 
     // Subscribe before anything else, so no signal is lost between the calls below and the

@@ -67,11 +67,11 @@ echo "session $session: $path"
 out=$(call IsAuthorizationValid "$path" "$SESSION_IFACE" IsAuthorizationValid)
 echo "IsAuthorizationValid: ${out#b }"
 
-# EnsureValid → one (st) struct: `(st) "TOKEN" 1700000000`. A real app hands the token to the
+# EnsureValid → two out-arguments: `st "TOKEN" 1700000000`. A real app hands the token to the
 # Entrupy SDK; it is a secret, so only its length is printed.
 out=$(call EnsureValid "$path" "$SESSION_IFACE" EnsureValid u "$min_seconds")
 expires_at=${out##* }
-token=${out#\(st\) \"}
+token=${out#st \"}
 token=${token%\" *}
 now=$(date +%s)
 echo "EnsureValid($min_seconds): token of ${#token} bytes, expires_at $expires_at ($(utc "$expires_at"), in $((expires_at > now ? expires_at - now : 0)) s)"

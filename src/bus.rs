@@ -1,24 +1,28 @@
 //! The D-Bus service (SPEC section 6): the `Manager` and `Session` objects, the caller check,
-//! and the publisher that turns session snapshots and events into `PropertiesChanged` and
-//! signals.
+//! and the publisher that turns the loop's snapshot changes and signals into
+//! `PropertiesChanged` and signals.
 //!
-//! A thin layer: methods read the sessions' published snapshots or send them a request, and
-//! map domain failures into D-Bus errors through [`Error::from`]. It owns no session state
-//! and knows nothing of HTTP or the disk.
+//! A thin layer: methods read a session's published snapshot or send an event to the loop
+//! (`crate::engine`) and wait for its answer, then map domain failures into D-Bus errors
+//! through [`Error::from`]. It holds no session state and never touches the state files.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 use zbus::{Connection, interface};
+use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
+use crate::clock::Clock;
+use crate::engine::{Call, Event, ManagerCall, Update};
 use crate::error::{ApiError, Error, ErrorName};
 use crate::names;
-use crate::session::{SessionEvent, SessionHandle, Snapshot, Update};
+use crate::secret::Secret;
+use crate::session::core::{Reply, Signal};
+use crate::session::{Credential, Origin, Profile, Snapshot};
 
 /// Longest string accepted from a D-Bus caller (a signed request can be long; 64 KiB).
 pub const MAX_ARG_BYTES: usize = 64 * 1024;
@@ -125,44 +129,51 @@ impl Default for Access {
     }
 }
 
-/// What the manager object needs from the daemon: the session registry.
-#[async_trait::async_trait]
-pub trait Registry: Send + Sync + 'static {
-    /// Paths of all sessions, sorted by id.
-    async fn list(&self) -> Vec<String>;
-    /// Whether a session exists.
-    async fn exists(&self, id: &str) -> bool;
-    /// Adds a session over D-Bus.
-    async fn add(&self, id: &str, profile: ProfileArgs) -> Result<(), ApiError>;
-    /// Removes a session (cleans up and forgets it).
-    async fn remove(&self, id: &str) -> Result<(), ApiError>;
-    /// Every session's current snapshot (for `GetManagedObjects`).
-    async fn snapshots(&self) -> Vec<Snapshot>;
+/// What every object shares: the way to the loop, the caller check, the clock and the
+/// device id.
+#[derive(Debug)]
+pub struct BusCtx {
+    /// The loop's inbox.
+    pub events: mpsc::UnboundedSender<Event>,
+    /// The caller check.
+    pub access: Arc<Access>,
+    /// The wall clock.
+    pub clock: Clock,
+    /// The installation's device id.
+    pub device_id: Arc<str>,
+    /// The credential of sessions added without one (`[backend] token_file`); replaced on
+    /// reload.
+    pub default_credential: std::sync::RwLock<Credential>,
 }
 
-/// `org.freedesktop.DBus.ObjectManager` at `/com/entrupy/TokenDaemon1`. zbus's own lists
-/// every node under the manager, the interface-less `/com/entrupy/TokenDaemon1/session`
-/// among them; this one lists exactly the sessions. zbus still emits `InterfacesAdded` and
-/// `InterfacesRemoved` when session objects come and go (it recognizes the interface name),
-/// except for the sessions served at start (`ObjectServer::at_quiet`, see `daemon::run`).
-pub struct ObjectManagerObject {
-    registry: Arc<dyn Registry>,
-}
-
-impl std::fmt::Debug for ObjectManagerObject {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ObjectManagerObject")
+impl BusCtx {
+    /// Sends an event and waits for the loop's answer.
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        let stopped = || Error::Cancelled("the daemon is shutting down".into());
+        self.events.send(make(tx)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())
     }
+}
+
+/// `org.freedesktop.DBus.ObjectManager` at `/com/entrupy/TokenDaemon1`. zbus's own (behind
+/// its `object-manager` feature, which the daemon does not use) would list the
+/// interface-less `/com/entrupy/TokenDaemon1/session` node too and announce every session
+/// served at start, before any client could hear it; this one lists exactly the sessions,
+/// and [`announce_added`] and [`announce_removed`] announce those that come and go later.
+#[derive(Debug)]
+pub struct ObjectManagerObject {
+    ctx: Arc<BusCtx>,
 }
 
 impl ObjectManagerObject {
-    /// An object manager over `registry`.
-    pub fn new(registry: Arc<dyn Registry>) -> Self {
-        Self { registry }
+    /// The object manager.
+    pub fn new(ctx: Arc<BusCtx>) -> Self {
+        Self { ctx }
     }
 }
 
-type ManagedObjects = HashMap<OwnedObjectPath, HashMap<String, HashMap<String, OwnedValue>>>;
+type ManagedObjects = HashMap<OwnedObjectPath, HashMap<String, HashMap<String, OwnedVariant>>>;
 
 #[interface(name = "org.freedesktop.DBus.ObjectManager")]
 impl ObjectManagerObject {
@@ -170,14 +181,11 @@ impl ObjectManagerObject {
     #[zbus(out_args("object_paths_interfaces_and_properties"))]
     async fn get_managed_objects(&self) -> Result<ManagedObjects, Error> {
         let mut out = ManagedObjects::new();
-        for snap in self.registry.snapshots().await {
-            let mut props: HashMap<String, OwnedValue> = HashMap::new();
-            props.insert("Id".to_owned(), OwnedValue::from(zbus::zvariant::Str::from(snap.id.to_string())));
-            for (name, value) in property_values(&snap) {
-                if let Ok(v) = OwnedValue::try_from(value) {
-                    props.insert(name.to_owned(), v);
-                }
-            }
+        for snap in self.ctx.ask(|tx| Event::Manager(ManagerCall::Snapshots(tx))).await? {
+            let props: HashMap<String, OwnedVariant> = interface_properties(&snap)
+                .into_iter()
+                .filter_map(|(name, value)| Some((name.to_owned(), OwnedVariant::try_from(value).ok()?)))
+                .collect();
             let path = path(names::session_path(&snap.id))?;
             out.insert(path, HashMap::from([(names::SESSION_INTERFACE.to_owned(), props)]));
         }
@@ -188,15 +196,15 @@ impl ObjectManagerObject {
     #[zbus(signal)]
     async fn interfaces_added(
         emitter: &SignalEmitter<'_>,
-        object_path: zbus::zvariant::ObjectPath<'_>,
-        interfaces_and_properties: HashMap<&str, HashMap<&str, Value<'_>>>,
+        object_path: zbus::ObjectPath<'_>,
+        interfaces_and_properties: HashMap<&str, HashMap<&str, Variant<'_>>>,
     ) -> zbus::Result<()>;
 
     /// A session went away.
     #[zbus(signal)]
     async fn interfaces_removed(
         emitter: &SignalEmitter<'_>,
-        object_path: zbus::zvariant::ObjectPath<'_>,
+        object_path: zbus::ObjectPath<'_>,
         interfaces: &[&str],
     ) -> zbus::Result<()>;
 }
@@ -221,12 +229,12 @@ fn invalid(msg: impl Into<String>) -> Error {
 }
 
 /// Validates `AddSession`'s arguments: the id, and the profile's keys, types and values.
-pub fn parse_profile(id: &str, profile: &HashMap<String, OwnedValue>) -> Result<ProfileArgs, Error> {
+pub fn parse_profile(id: &str, profile: &HashMap<String, OwnedVariant>) -> Result<ProfileArgs, Error> {
     crate::config::validate_session_id(id).map_err(invalid)?;
     let get = |key: &str| -> Result<Option<String>, Error> {
         match profile.get(key).map(|v| &**v) {
             None => Ok(None),
-            Some(Value::Str(s)) => {
+            Some(Variant::Str(s)) => {
                 if s.len() > MAX_ARG_BYTES {
                     return Err(invalid(format!("profile key {key:?} is longer than {MAX_ARG_BYTES} bytes")));
                 }
@@ -263,26 +271,20 @@ pub fn parse_profile(id: &str, profile: &HashMap<String, OwnedValue>) -> Result<
 }
 
 /// `com.entrupy.TokenDaemon1.Manager` at `/com/entrupy/TokenDaemon1`.
+#[derive(Debug)]
 pub struct ManagerObject {
-    registry: Arc<dyn Registry>,
-    access: Arc<Access>,
-}
-
-impl std::fmt::Debug for ManagerObject {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ManagerObject")
-    }
+    ctx: Arc<BusCtx>,
 }
 
 impl ManagerObject {
-    /// A manager over `registry`.
-    pub fn new(registry: Arc<dyn Registry>, access: Arc<Access>) -> Self {
-        Self { registry, access }
+    /// The manager.
+    pub fn new(ctx: Arc<BusCtx>) -> Self {
+        Self { ctx }
     }
 }
 
 fn path(p: String) -> Result<OwnedObjectPath, Error> {
-    OwnedObjectPath::try_from(p).map_err(|e| Error::ZBus(e.into()))
+    OwnedObjectPath::try_from(p).map_err(Error::ZBus)
 }
 
 #[interface(name = "com.entrupy.TokenDaemon1.Manager")]
@@ -294,8 +296,9 @@ impl ManagerObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Vec<OwnedObjectPath>, Error> {
-        self.access.check(conn, &hdr).await?;
-        self.registry.list().await.into_iter().map(path).collect()
+        self.ctx.access.check(conn, &hdr).await?;
+        let ids = self.ctx.ask(|tx| Event::Manager(ManagerCall::List(tx))).await?;
+        ids.iter().map(|id| path(names::session_path(id))).collect()
     }
 
     /// The object path of the session `id`.
@@ -306,10 +309,10 @@ impl ManagerObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, Error> {
-        self.access.check(conn, &hdr).await?;
-        if id.len() > 64 || !self.registry.exists(id).await {
-            let shown: String = id.chars().take(64).collect();
-            return Err(Error::NoSuchSession(format!("no session {shown:?}")));
+        self.ctx.access.check(conn, &hdr).await?;
+        let known = id.len() <= 64 && self.ctx.ask(|tx| Event::Manager(ManagerCall::Exists(id.to_owned(), tx))).await?;
+        if !known {
+            return Err(no_such_session(id).into());
         }
         path(names::session_path(id))
     }
@@ -319,25 +322,38 @@ impl ManagerObject {
     async fn add_session(
         &self,
         id: &str,
-        profile: HashMap<String, OwnedValue>,
+        profile: HashMap<String, OwnedVariant>,
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, Error> {
-        self.access.check(conn, &hdr).await?;
+        self.ctx.access.check(conn, &hdr).await?;
         let args = parse_profile(id, &profile)?;
-        self.registry.add(id, args).await?;
+        let default_credential = self.ctx.default_credential.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let profile = Profile {
+            id: id.to_owned(),
+            unique_user_id: args.unique_user_id,
+            email: args.email,
+            first_name: args.first_name,
+            last_name: args.last_name,
+            credential: args.backend_token.map(Credential::Inline).unwrap_or(default_credential),
+            origin: Origin::Bus,
+        };
+        let rx = self.ctx.ask(|tx| Event::Manager(ManagerCall::Add(Box::new(profile), tx))).await??;
+        serve_session(conn, &self.ctx, rx, true).await?;
         path(names::session_path(id))
     }
 
-    /// Cleans up and forgets a session.
+    /// Cleans up and forgets a session added over D-Bus.
     async fn remove_session(
         &self,
         id: &str,
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
-        self.access.check(conn, &hdr).await?;
-        Ok(self.registry.remove(id).await?)
+        self.ctx.access.check(conn, &hdr).await?;
+        self.ctx.ask(|tx| Event::Manager(ManagerCall::Remove(id.to_owned(), tx))).await??;
+        unserve_session(conn, id).await;
+        Ok(())
     }
 
     /// The daemon's version.
@@ -347,22 +363,76 @@ impl ManagerObject {
     }
 }
 
+/// Serves a session's object; `announce` sends `InterfacesAdded` (not for the sessions
+/// served at start, before the name is claimed: no client could hear it).
+pub async fn serve_session(
+    conn: &Connection,
+    ctx: &Arc<BusCtx>,
+    snapshot: watch::Receiver<Snapshot>,
+    announce: bool,
+) -> Result<(), Error> {
+    let snap = snapshot.borrow().clone();
+    let obj = SessionObject { id: snap.id.clone(), snapshot, ctx: ctx.clone() };
+    conn.object_server().at(names::session_path(&snap.id), obj).await?;
+    if announce {
+        announce_added(conn, &snap).await;
+    }
+    Ok(())
+}
+
+/// Stops serving a session's object and announces it.
+pub async fn unserve_session(conn: &Connection, id: &str) {
+    match conn.object_server().remove::<SessionObject, _>(names::session_path(id)).await {
+        Ok(_) => announce_removed(conn, id).await,
+        Err(e) => tracing::warn!(session = id, error = %e, "cannot remove the session's object"),
+    }
+}
+
 /// `com.entrupy.TokenDaemon1.Session` at `/com/entrupy/TokenDaemon1/session/<id>`.
 #[derive(Debug)]
 pub struct SessionObject {
-    handle: SessionHandle,
-    access: Arc<Access>,
-}
-
-impl SessionObject {
-    /// The object of a session.
-    pub fn new(handle: SessionHandle, access: Arc<Access>) -> Self {
-        Self { handle, access }
-    }
+    id: Arc<str>,
+    snapshot: watch::Receiver<Snapshot>,
+    ctx: Arc<BusCtx>,
 }
 
 fn secs(t: f64) -> u64 {
     if t.is_finite() && t > 0.0 { t.floor() as u64 } else { 0 }
+}
+
+impl SessionObject {
+    async fn call(&self, make: impl FnOnce(oneshot::Sender<Reply>) -> Call) -> Result<Reply, Error> {
+        let id = self.id.clone();
+        match self.ctx.ask(|tx| Event::Call(id, make(tx))).await? {
+            Reply::Err(e) => Err(e.into()),
+            reply => Ok(reply),
+        }
+    }
+
+    async fn token_call(&self, make: impl FnOnce(oneshot::Sender<Reply>) -> Call) -> Result<(String, u64), Error> {
+        match self.call(make).await? {
+            Reply::Token(t, e) => Ok((t.expose().to_owned(), secs(e))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn expiry_call(&self, make: impl FnOnce(oneshot::Sender<Reply>) -> Call) -> Result<u64, Error> {
+        match self.call(make).await? {
+            Reply::Expiry(e) => Ok(secs(e)),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// The loop answered a call with the wrong kind of reply: an invariant broken, said plainly.
+fn unexpected(r: Reply) -> Error {
+    let kind = match r {
+        Reply::Expiry(_) => "an expiry",
+        Reply::Token(..) => "a token",
+        Reply::Done => "done",
+        Reply::Err(_) => "an error",
+    };
+    Error::Cancelled(format!("internal error: the session answered with {kind}"))
 }
 
 #[interface(name = "com.entrupy.TokenDaemon1.Session")]
@@ -374,35 +444,35 @@ impl SessionObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<bool, Error> {
-        self.access.check(conn, &hdr).await?;
-        Ok(self.handle.is_valid())
+        self.ctx.access.check(conn, &hdr).await?;
+        Ok(self.snapshot.borrow().valid(self.ctx.clock.now()))
     }
 
-    /// The token and its expiry as one `(st)` struct (SPEC 6); `NotAuthorized` when not
-    /// valid.
-    #[zbus(out_args("token"))]
+    /// The token and its expiry; `NotAuthorized` when not valid.
+    #[zbus(out_args("token", "expires_at"))]
     async fn get_token(
         &self,
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<((String, u64),), Error> {
-        self.access.check_token(conn, &hdr).await?;
-        let (t, e) = self.handle.get_token()?;
-        Ok(((t.expose().to_owned(), secs(e)),))
+    ) -> Result<(String, u64), Error> {
+        self.ctx.access.check_token(conn, &hdr).await?;
+        let snap = self.snapshot.borrow();
+        match (&snap.token, snap.expires_at) {
+            (Some(t), Some(e)) if self.ctx.clock.now() < e => Ok((t.expose().to_owned(), secs(e))),
+            _ => Err(Error::NotAuthorized("no valid token".into())),
+        }
     }
 
-    /// A token valid for at least `min_seconds` more, refreshing first if needed; one
-    /// `(st)` struct like `GetToken`.
-    #[zbus(out_args("token"))]
+    /// A token valid for at least `min_seconds` more, refreshing first if needed.
+    #[zbus(out_args("token", "expires_at"))]
     async fn ensure_valid(
         &self,
         min_seconds: u32,
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<((String, u64),), Error> {
-        self.access.check_token(conn, &hdr).await?;
-        let (t, e) = self.handle.ensure_valid(min_seconds).await?;
-        Ok(((t.expose().to_owned(), secs(e)),))
+    ) -> Result<(String, u64), Error> {
+        self.ctx.access.check_token(conn, &hdr).await?;
+        self.token_call(|tx| Call::EnsureValid(min_seconds, tx)).await
     }
 
     /// Re-authorizes now; returns the new expiry.
@@ -412,8 +482,8 @@ impl SessionObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<u64, Error> {
-        self.access.check(conn, &hdr).await?;
-        Ok(secs(self.handle.refresh().await?))
+        self.ctx.access.check(conn, &hdr).await?;
+        self.expiry_call(Call::Refresh).await
     }
 
     /// A fresh SDK authorization request, for apps that call the backend themselves.
@@ -423,27 +493,27 @@ impl SessionObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<String, Error> {
-        self.access.check(conn, &hdr).await?;
-        Ok(crate::authreq::generate(self.handle.now(), self.handle.device_id()))
+        self.ctx.access.check(conn, &hdr).await?;
+        Ok(crate::authreq::generate(self.ctx.clock.now(), &self.ctx.device_id))
     }
 
     /// Logs in with a request the caller had signed.
     #[zbus(out_args("expires_at"))]
     async fn login_with_signed_request(
         &self,
-        signed: &str,
+        signed_request: &str,
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<u64, Error> {
-        self.access.check(conn, &hdr).await?;
-        if signed.is_empty() {
+        self.ctx.access.check(conn, &hdr).await?;
+        if signed_request.is_empty() {
             return Err(invalid("the signed request is empty"));
         }
-        if signed.len() > MAX_ARG_BYTES {
+        if signed_request.len() > MAX_ARG_BYTES {
             return Err(invalid(format!("the signed request is longer than {MAX_ARG_BYTES} bytes")));
         }
-        let s = crate::secret::Secret::new(signed);
-        Ok(secs(self.handle.login_with_signed(s).await?))
+        let s = Secret::new(signed_request);
+        self.expiry_call(|tx| Call::LoginSigned(s, tx)).await
     }
 
     /// Drops the token and stops refreshing.
@@ -452,80 +522,81 @@ impl SessionObject {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
-        self.access.check(conn, &hdr).await?;
-        Ok(self.handle.cleanup().await?)
+        self.ctx.access.check(conn, &hdr).await?;
+        self.call(Call::Cleanup).await.map(drop)
     }
 
     /// Session id.
     #[zbus(property(emits_changed_signal = "const"))]
     fn id(&self) -> String {
-        self.handle.id().to_owned()
+        self.id.to_string()
     }
 
     /// The user.
     #[zbus(property)]
     fn unique_user_id(&self) -> String {
-        self.handle.with_snapshot(|s| s.unique_user_id.clone())
+        self.snapshot.borrow().unique_user_id.to_string()
     }
 
     /// As returned by the backend.
     #[zbus(property)]
     fn username(&self) -> String {
-        self.handle.with_snapshot(|s| s.username.to_string())
+        self.snapshot.borrow().username.to_string()
     }
 
     /// `logged-out`, `valid`, `refreshing`, `expired`, `needs-reauthorization` or `failed`.
     #[zbus(property)]
     fn state(&self) -> String {
-        self.handle.with_snapshot(|s| s.state.as_str().to_owned())
+        self.snapshot.borrow().state.as_str().to_owned()
     }
 
     /// Whether the token is valid now.
     #[zbus(property)]
     fn valid(&self) -> bool {
-        self.handle.is_valid()
+        self.snapshot.borrow().valid(self.ctx.clock.now())
     }
 
     /// Expiry, Unix seconds rounded down; 0 for none.
     #[zbus(property)]
     fn expires_at(&self) -> u64 {
-        self.handle.with_snapshot(|s| s.expires_at_secs())
+        self.snapshot.borrow().expires_at_secs()
     }
 
     /// Next planned refresh; 0 for none.
     #[zbus(property)]
     fn refresh_at(&self) -> u64 {
-        self.handle.with_snapshot(|s| secs(s.refresh_at))
+        secs(self.snapshot.borrow().refresh_at)
     }
 
     /// When the last login answer arrived; 0 for none.
     #[zbus(property)]
     fn last_login_at(&self) -> u64 {
-        self.handle.with_snapshot(|s| secs(s.last_login_at.unwrap_or(0.0)))
+        secs(self.snapshot.borrow().last_login_at.unwrap_or(0.0))
     }
 
     /// Short name of the last failure, `""` for none.
     #[zbus(property)]
     fn last_error(&self) -> String {
-        self.handle.with_snapshot(|s| s.last_error.map(|e| e.as_str().to_owned()).unwrap_or_default())
+        self.snapshot.borrow().last_error.map(|e| e.as_str().to_owned()).unwrap_or_default()
     }
 
-    /// Extra (not in SPEC 6): successful logins of this user in the last 24 h.
+    /// Extra (not in the contract): successful logins of this user in the last 24 h.
     #[zbus(property)]
     fn logins_today(&self) -> u32 {
-        self.handle.with_snapshot(|s| s.logins_today)
+        self.snapshot.borrow().logins_today
     }
 
-    /// Extra (not in SPEC 6): the daily login budget of this user.
+    /// Extra (not in the contract): the daily login budget of this user.
     #[zbus(property)]
     fn logins_per_day(&self) -> u32 {
-        self.handle.with_snapshot(|s| s.logins_per_day)
+        self.snapshot.borrow().logins_per_day
     }
 
-    /// Extra (not in SPEC 6): whether refreshes are paced to make the daily budget last.
+    /// Extra (not in the contract): whether refreshes are paced to make the daily budget
+    /// last.
     #[zbus(property)]
     fn pacing(&self) -> bool {
-        self.handle.with_snapshot(|s| s.pacing)
+        self.snapshot.borrow().pacing
     }
 
     /// `didLoginUserSuccessfully`.
@@ -545,20 +616,28 @@ impl SessionObject {
     pub async fn reauthorization_required(emitter: &SignalEmitter<'_>) -> zbus::Result<()>;
 }
 
+/// Every property of a session's interface, `Id` included (`GetManagedObjects`,
+/// `InterfacesAdded`).
+fn interface_properties(s: &Snapshot) -> Vec<(&'static str, Variant<'static>)> {
+    let mut props = property_values(s);
+    props.push(("Id", Variant::from(s.id.to_string())));
+    props
+}
+
 /// The property values of a snapshot, as D-Bus values, for change detection.
-fn property_values(s: &Snapshot) -> Vec<(&'static str, Value<'static>)> {
+fn property_values(s: &Snapshot) -> Vec<(&'static str, Variant<'static>)> {
     vec![
-        ("UniqueUserId", Value::from(s.unique_user_id.clone())),
-        ("Username", Value::from(s.username.to_string())),
-        ("State", Value::from(s.state.as_str().to_owned())),
-        ("Valid", Value::from(s.valid)),
-        ("ExpiresAt", Value::from(s.expires_at_secs())),
-        ("RefreshAt", Value::from(secs(s.refresh_at))),
-        ("LastLoginAt", Value::from(secs(s.last_login_at.unwrap_or(0.0)))),
-        ("LastError", Value::from(s.last_error.map(|e| e.as_str()).unwrap_or("").to_owned())),
-        ("LoginsToday", Value::from(s.logins_today)),
-        ("LoginsPerDay", Value::from(s.logins_per_day)),
-        ("Pacing", Value::from(s.pacing)),
+        ("UniqueUserId", Variant::from(s.unique_user_id.to_string())),
+        ("Username", Variant::from(s.username.to_string())),
+        ("State", Variant::from(s.state.as_str().to_owned())),
+        ("Valid", Variant::from(s.valid)),
+        ("ExpiresAt", Variant::from(s.expires_at_secs())),
+        ("RefreshAt", Variant::from(secs(s.refresh_at))),
+        ("LastLoginAt", Variant::from(secs(s.last_login_at.unwrap_or(0.0)))),
+        ("LastError", Variant::from(s.last_error.map(|e| e.as_str()).unwrap_or("").to_owned())),
+        ("LoginsToday", Variant::from(s.logins_today)),
+        ("LoginsPerDay", Variant::from(s.logins_per_day)),
+        ("Pacing", Variant::from(s.pacing)),
     ]
 }
 
@@ -591,7 +670,7 @@ impl Notifier {
             return;
         }
         let replaces = self.ids.lock().unwrap_or_else(|e| e.into_inner()).get(session).copied().unwrap_or(0);
-        let hints: HashMap<&str, Value<'_>> = HashMap::from([("urgency", Value::U8(1))]);
+        let hints: HashMap<&str, Variant<'_>> = HashMap::from([("urgency", Variant::U8(1))]);
         let body = format!(
             "Entrupy sign-in for session \u{201c}{session}\u{201d} was rejected by the app's backend. Sign in again in the app."
         );
@@ -623,58 +702,95 @@ impl Notifier {
     }
 }
 
-/// The one publisher of the daemon: turns every session's [`Update`]s into
-/// `PropertiesChanged` (only the properties that changed) and signals, in the order the
-/// sessions sent them, until the channel closes.
+/// The one publisher of the daemon: turns the loop's [`Update`]s into `PropertiesChanged`
+/// (only the properties that changed) and signals, in the order the loop sent them, and
+/// serves or stops serving the sessions a reload added or removed, until the channel closes.
 pub async fn publisher(
     conn: Connection,
+    ctx: Arc<BusCtx>,
     mut updates: mpsc::UnboundedReceiver<Update>,
     notifier: Option<Arc<Notifier>>,
 ) {
     while let Some(update) = updates.recv().await {
         match update {
-            Update::Changed(change) => {
-                let (old, new) = *change;
-                let changed: HashMap<&str, Value<'_>> = property_values(&new)
-                    .into_iter()
-                    .zip(property_values(&old))
-                    .filter(|(a, b)| a.1 != b.1)
-                    .map(|(a, _)| a)
-                    .collect();
-                if changed.is_empty() {
-                    continue;
-                }
-                let Some(emitter) = emitter_for(&conn, &new.id) else { continue };
-                let iface = zbus::names::InterfaceName::from_static_str_unchecked(names::SESSION_INTERFACE);
-                if let Err(e) =
-                    zbus::fdo::Properties::properties_changed(&emitter, iface, changed, Cow::Borrowed(&[])).await
+            Update::Changed(change) => properties_changed(&conn, &change.0, &change.1).await,
+            Update::Signal(id, signal) => {
+                if signal == Signal::ReauthorizationRequired
+                    && let Some(n) = notifier.clone()
                 {
-                    tracing::debug!(error = %e, "cannot emit PropertiesChanged");
+                    let id = id.clone();
+                    tokio::spawn(async move { n.reauthorization_required(&id).await });
+                }
+                emit(&conn, &id, signal).await;
+            }
+            Update::Added(_, rx) => {
+                if let Err(e) = serve_session(&conn, &ctx, rx, true).await {
+                    tracing::error!(error = %e, "cannot serve a session on the bus");
                 }
             }
-            Update::Event(id, event) => {
-                let Some(emitter) = emitter_for(&conn, &id) else { continue };
-                let res = match event {
-                    SessionEvent::LoginSucceeded(exp) => SessionObject::login_succeeded(&emitter, secs(exp)).await,
-                    SessionEvent::LoginFailed(code, desc) => SessionObject::login_failed(&emitter, &code, &desc).await,
-                    SessionEvent::AuthorizationExpired => SessionObject::authorization_expired(&emitter).await,
-                    SessionEvent::ReauthorizationRequired => {
-                        if let Some(n) = notifier.clone() {
-                            tokio::spawn(async move { n.reauthorization_required(&id).await });
-                        }
-                        SessionObject::reauthorization_required(&emitter).await
-                    }
-                };
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "cannot emit a signal");
-                }
-            }
+            Update::Removed(id) => unserve_session(&conn, &id).await,
         }
     }
 }
 
+async fn properties_changed(conn: &Connection, old: &Snapshot, new: &Snapshot) {
+    let changed: HashMap<&str, Variant<'_>> = property_values(new)
+        .into_iter()
+        .zip(property_values(old))
+        .filter(|(a, b)| a.1 != b.1)
+        .map(|(a, _)| a)
+        .collect();
+    if changed.is_empty() {
+        return;
+    }
+    let Some(emitter) = emitter_for(conn, &new.id) else { return };
+    let iface = zbus::names::InterfaceName::from_static_str_unchecked(names::SESSION_INTERFACE);
+    if let Err(e) = zbus::fdo::Properties::properties_changed(&emitter, iface, changed, Cow::Borrowed(&[])).await {
+        tracing::debug!(error = %e, "cannot emit PropertiesChanged");
+    }
+}
+
+async fn emit(conn: &Connection, id: &str, signal: Signal) {
+    let Some(emitter) = emitter_for(conn, id) else { return };
+    let res = match signal {
+        Signal::LoginSucceeded(exp) => SessionObject::login_succeeded(&emitter, secs(exp)).await,
+        Signal::LoginFailed(code, desc) => SessionObject::login_failed(&emitter, &code, &desc).await,
+        Signal::AuthorizationExpired => SessionObject::authorization_expired(&emitter).await,
+        Signal::ReauthorizationRequired => SessionObject::reauthorization_required(&emitter).await,
+    };
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "cannot emit a signal");
+    }
+}
+
 fn emitter_for<'a>(conn: &Connection, id: &str) -> Option<SignalEmitter<'a>> {
-    let path = zbus::zvariant::ObjectPath::try_from(names::session_path(id)).ok()?;
+    let path = zbus::ObjectPath::try_from(names::session_path(id)).ok()?;
+    Some(SignalEmitter::from_parts(conn.clone(), path))
+}
+
+/// `InterfacesAdded` for a session served after start (zbus without its `object-manager`
+/// feature sends none itself).
+pub async fn announce_added(conn: &Connection, snap: &Snapshot) {
+    let Ok(path) = zbus::ObjectPath::try_from(names::session_path(&snap.id)) else { return };
+    let props: HashMap<&str, Variant<'_>> = interface_properties(snap).into_iter().collect();
+    let interfaces = HashMap::from([(names::SESSION_INTERFACE, props)]);
+    let Some(emitter) = manager_emitter(conn) else { return };
+    if let Err(e) = ObjectManagerObject::interfaces_added(&emitter, path, interfaces).await {
+        tracing::debug!(error = %e, "cannot emit InterfacesAdded");
+    }
+}
+
+/// `InterfacesRemoved` for a session that went away.
+pub async fn announce_removed(conn: &Connection, id: &str) {
+    let Ok(path) = zbus::ObjectPath::try_from(names::session_path(id)) else { return };
+    let Some(emitter) = manager_emitter(conn) else { return };
+    if let Err(e) = ObjectManagerObject::interfaces_removed(&emitter, path, &[names::SESSION_INTERFACE]).await {
+        tracing::debug!(error = %e, "cannot emit InterfacesRemoved");
+    }
+}
+
+fn manager_emitter<'a>(conn: &Connection) -> Option<SignalEmitter<'a>> {
+    let path = zbus::ObjectPath::try_from(names::MANAGER_PATH).ok()?;
     Some(SignalEmitter::from_parts(conn.clone(), path))
 }
 
@@ -688,8 +804,8 @@ pub fn no_such_session(id: &str) -> ApiError {
 mod tests {
     use super::*;
 
-    fn v(s: &str) -> OwnedValue {
-        OwnedValue::try_from(Value::from(s)).unwrap()
+    fn v(s: &str) -> OwnedVariant {
+        OwnedVariant::try_from(Variant::from(s)).unwrap()
     }
 
     proptest::proptest! {
@@ -697,9 +813,9 @@ mod tests {
         /// `InvalidArgument`, never a panic, and a refused credential is never quoted.
         #[test]
         fn arbitrary_profiles_never_panic(id in "\\PC{0,80}", keys in proptest::collection::vec(("\\PC{0,20}", "\\PC{0,60}"), 0..6)) {
-            let mut p: HashMap<String, OwnedValue> = HashMap::new();
+            let mut p: HashMap<String, OwnedVariant> = HashMap::new();
             for (k, v) in keys {
-                p.insert(k, OwnedValue::try_from(Value::from(v.as_str())).unwrap());
+                p.insert(k, OwnedVariant::try_from(Variant::from(v.as_str())).unwrap());
             }
             match parse_profile(&id, &p) {
                 Ok(args) => {
@@ -707,7 +823,7 @@ mod tests {
                     proptest::prop_assert!(crate::config::validate_unique_user_id(&args.unique_user_id).is_ok());
                 }
                 Err(Error::InvalidArgument(m)) => {
-                    if let Some(Value::Str(t)) = p.get("backend_token").map(|v| &**v)
+                    if let Some(Variant::Str(t)) = p.get("backend_token").map(|v| &**v)
                         && t.len() > 8
                     {
                         proptest::prop_assert!(!m.contains(t.as_str()));
@@ -737,7 +853,7 @@ mod tests {
         q.insert("color".to_owned(), v("red"));
         assert!(matches!(parse_profile("new", &q), Err(Error::InvalidArgument(m)) if m.contains("color")));
         let mut q = p.clone();
-        q.insert("first_name".to_owned(), OwnedValue::from(5u32));
+        q.insert("first_name".to_owned(), OwnedVariant::from(5u32));
         assert!(matches!(parse_profile("new", &q), Err(Error::InvalidArgument(m)) if m.contains("first_name")));
         let mut q = p.clone();
         q.remove("email");

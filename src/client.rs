@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use zbus::proxy;
-use zbus::zvariant::{OwnedObjectPath, Value};
+use zbus::{OwnedObjectPath, Variant};
 
 /// `com.entrupy.TokenDaemon1.Manager`.
 #[proxy(
@@ -18,7 +18,7 @@ pub trait Manager {
     /// One session's path.
     fn get_session(&self, id: &str) -> zbus::Result<OwnedObjectPath>;
     /// Adds a session.
-    fn add_session(&self, id: &str, profile: HashMap<&str, Value<'_>>) -> zbus::Result<OwnedObjectPath>;
+    fn add_session(&self, id: &str, profile: HashMap<&str, Variant<'_>>) -> zbus::Result<OwnedObjectPath>;
     /// Removes a session.
     fn remove_session(&self, id: &str) -> zbus::Result<()>;
     /// The daemon's version.
@@ -40,7 +40,7 @@ pub trait Session {
     /// A fresh authorization request.
     fn generate_authorization_request(&self) -> zbus::Result<String>;
     /// Log in with a signed request.
-    fn login_with_signed_request(&self, signed: &str) -> zbus::Result<u64>;
+    fn login_with_signed_request(&self, signed_request: &str) -> zbus::Result<u64>;
     /// Drop the token.
     fn cleanup(&self) -> zbus::Result<()>;
     /// Id.
@@ -96,11 +96,18 @@ pub trait Session {
 /// The short error name of a D-Bus error from the daemon (`NetworkError`), or the full name
 /// for other errors.
 pub fn short_error_name(e: &zbus::Error) -> Option<String> {
+    let (name, _) = error_reply(e)?;
+    Some(name.strip_prefix(&format!("{}.", crate::names::ERROR_PREFIX)).unwrap_or(&name).to_owned())
+}
+
+/// The name and message of a D-Bus error reply, `None` for other failures. zbus reports the
+/// names that `org.freedesktop.DBus.Error` defines (`ServiceUnknown`, ...) as `Error::FDO`
+/// and the others as `Error::MethodError`.
+pub fn error_reply(e: &zbus::Error) -> Option<(String, Option<String>)> {
+    use zbus::DBusError as _;
     match e {
-        zbus::Error::MethodError(name, _, _) => {
-            let n = name.as_str();
-            Some(n.strip_prefix(&format!("{}.", crate::names::ERROR_PREFIX)).unwrap_or(n).to_owned())
-        }
+        zbus::Error::MethodError(name, msg, _) => Some((name.to_string(), msg.clone())),
+        zbus::Error::FDO(f) => Some((f.name().to_string(), f.description().map(str::to_owned))),
         _ => None,
     }
 }

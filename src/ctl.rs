@@ -6,8 +6,8 @@ use std::io::Write;
 
 use futures_util::StreamExt;
 use zbus::Connection;
+use zbus::Variant;
 use zbus::proxy::CacheProperties;
-use zbus::zvariant::Value;
 
 use crate::client::{ManagerProxy, SessionProxy, short_error_name};
 use crate::names;
@@ -74,21 +74,20 @@ impl From<zbus::Error> for Failure {
 }
 
 fn describe(e: &zbus::Error) -> String {
-    match e {
-        zbus::Error::MethodError(name, msg, _) => {
-            let n = name.as_str();
-            if n == "org.freedesktop.DBus.Error.ServiceUnknown" || n == "org.freedesktop.DBus.Error.NameHasNoOwner" {
-                return format!(
-                    "the daemon is not running ({} has no owner); start it with `systemctl --user start entrupy-tokend` or run `entrupy-tokend`",
-                    names::BUS_NAME
-                );
-            }
-            let short = short_error_name(e).unwrap_or_else(|| n.to_owned());
-            match msg {
-                Some(m) if !m.is_empty() => format!("{short}: {m}"),
-                _ => short,
-            }
+    if let Some((n, msg)) = crate::client::error_reply(e) {
+        if n == "org.freedesktop.DBus.Error.ServiceUnknown" || n == "org.freedesktop.DBus.Error.NameHasNoOwner" {
+            return format!(
+                "the daemon is not running ({} has no owner); start it with `systemctl --user start entrupy-tokend` or run `entrupy-tokend`",
+                names::BUS_NAME
+            );
         }
+        let short = short_error_name(e).unwrap_or(n);
+        return match msg {
+            Some(m) if !m.is_empty() => format!("{short}: {m}"),
+            _ => short,
+        };
+    }
+    match e {
         zbus::Error::InputOutput(_) | zbus::Error::Address(_) => {
             format!("cannot reach the D-Bus session bus: {e}")
         }
@@ -124,7 +123,7 @@ fn local_time(t: u64) -> String {
 }
 
 async fn session_proxy<'a>(conn: &'a Connection, id: &str) -> zbus::Result<SessionProxy<'a>> {
-    SessionProxy::builder(conn).path(names::session_path(id))?.cache_properties(CacheProperties::No).build().await
+    SessionProxy::builder(conn).path(names::session_path(id)).cache_properties(CacheProperties::No).build().await
 }
 
 async fn manager_proxy(conn: &Connection) -> zbus::Result<ManagerProxy<'_>> {
@@ -269,7 +268,7 @@ async fn execute(conn: &Connection, opts: &Options, cmd: Command) -> Result<i32,
             let mut rows = Vec::new();
             for p in paths {
                 let s =
-                    SessionProxy::builder(conn).path(p.clone())?.cache_properties(CacheProperties::No).build().await?;
+                    SessionProxy::builder(conn).path(p.clone()).cache_properties(CacheProperties::No).build().await?;
                 rows.push((s.id().await?, s.state().await?, s.valid().await?, s.expires_at().await?, p.to_string()));
             }
             if opts.json {
@@ -288,14 +287,14 @@ async fn execute(conn: &Connection, opts: &Options, cmd: Command) -> Result<i32,
         }
         Command::AddSession { id, user_id, email, first_name, last_name } => {
             let m = manager_proxy(conn).await?;
-            let mut profile: HashMap<&str, Value<'_>> = HashMap::new();
-            profile.insert("unique_user_id", Value::from(user_id.as_str()));
-            profile.insert("email", Value::from(email.as_str()));
+            let mut profile: HashMap<&str, Variant<'_>> = HashMap::new();
+            profile.insert("unique_user_id", Variant::from(user_id.as_str()));
+            profile.insert("email", Variant::from(email.as_str()));
             if let Some(f) = &first_name {
-                profile.insert("first_name", Value::from(f.as_str()));
+                profile.insert("first_name", Variant::from(f.as_str()));
             }
             if let Some(l) = &last_name {
-                profile.insert("last_name", Value::from(l.as_str()));
+                profile.insert("last_name", Variant::from(l.as_str()));
             }
             let p = m.add_session(&id, profile).await?;
             if opts.json {
@@ -317,10 +316,10 @@ async fn watch(conn: &Connection, id: &str, json: bool) -> Result<i32, Failure> 
     let path = names::session_path(id);
     let rule = zbus::MatchRule::builder()
         .msg_type(zbus::message::Type::Signal)
-        .sender(names::BUS_NAME)?
-        .path(path.as_str())?
-        .build();
-    let mut stream = zbus::MessageStream::for_match_rule(rule, conn, Some(256)).await?;
+        .sender(names::BUS_NAME)
+        .path(path.as_str())
+        .build()?;
+    let mut stream = zbus::MessageStream::for_match_rule(rule, conn, std::num::NonZeroUsize::new(256)).await?;
     // Make sure the session exists before waiting.
     let s = session_proxy(conn, id).await?;
     let state = s.state().await?;
@@ -337,7 +336,7 @@ async fn watch(conn: &Connection, id: &str, json: bool) -> Result<i32, Failure> 
         let body = msg.body();
         if member == "PropertiesChanged" {
             if let Ok((_iface, changed, _inv)) =
-                body.deserialize::<(String, HashMap<String, zbus::zvariant::OwnedValue>, Vec<String>)>()
+                body.deserialize::<(String, HashMap<String, zbus::OwnedVariant>, Vec<String>)>()
             {
                 let mut keys: Vec<_> = changed.into_iter().collect();
                 keys.sort_by(|a, b| a.0.cmp(&b.0));
@@ -368,20 +367,20 @@ async fn watch(conn: &Connection, id: &str, json: bool) -> Result<i32, Failure> 
     Ok(0)
 }
 
-fn value_text(v: &Value<'_>) -> String {
+fn value_text(v: &Variant<'_>) -> String {
     match v {
-        Value::Str(s) => format!("{:?}", s.as_str()),
-        Value::U64(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
+        Variant::Str(s) => format!("{:?}", s.as_str()),
+        Variant::U64(n) => n.to_string(),
+        Variant::Bool(b) => b.to_string(),
         other => other.to_string(),
     }
 }
 
-fn value_json(v: &Value<'_>) -> serde_json::Value {
+fn value_json(v: &Variant<'_>) -> serde_json::Value {
     match v {
-        Value::Str(s) => serde_json::Value::from(s.as_str()),
-        Value::U64(n) => serde_json::Value::from(*n),
-        Value::Bool(b) => serde_json::Value::from(*b),
+        Variant::Str(s) => serde_json::Value::from(s.as_str()),
+        Variant::U64(n) => serde_json::Value::from(*n),
+        Variant::Bool(b) => serde_json::Value::from(*b),
         other => serde_json::Value::from(other.to_string()),
     }
 }

@@ -35,6 +35,9 @@ pub enum SystemBus {
     Off,
 }
 
+/// How many signals of each kind may wait unread.
+const QUEUE: Option<std::num::NonZeroUsize> = std::num::NonZeroUsize::new(16);
+
 /// NetworkManager's `NM_STATE_CONNECTED_GLOBAL`.
 const NM_CONNECTED_GLOBAL: u32 = 70;
 
@@ -46,11 +49,7 @@ pub async fn system_bus(which: SystemBus, tx: mpsc::UnboundedSender<Outside>) {
         SystemBus::Default => zbus::connection::Builder::system(),
         SystemBus::Address(a) => zbus::connection::Builder::address(a.as_str()),
     };
-    let conn = match builder {
-        Ok(b) => b.build().await,
-        Err(e) => Err(e),
-    };
-    let conn = match conn {
+    let conn = match builder.build().await {
         Ok(c) => c,
         Err(e) => {
             debug!(error = %e, "no system bus: resume and network changes are caught by the sweep only");
@@ -59,12 +58,12 @@ pub async fn system_bus(which: SystemBus, tx: mpsc::UnboundedSender<Outside>) {
     };
     let rule =
         |iface: &'static str, member: &'static str, path: &'static str| -> zbus::Result<zbus::MatchRule<'static>> {
-            Ok(zbus::MatchRule::builder()
+            zbus::MatchRule::builder()
                 .msg_type(zbus::message::Type::Signal)
-                .interface(iface)?
-                .member(member)?
-                .path(path)?
-                .build())
+                .interface(iface)
+                .member(member)
+                .path(path)
+                .build()
         };
     let (sleep_rule, nm_rule) = match (
         rule("org.freedesktop.login1.Manager", "PrepareForSleep", "/org/freedesktop/login1"),
@@ -73,8 +72,8 @@ pub async fn system_bus(which: SystemBus, tx: mpsc::UnboundedSender<Outside>) {
         (Ok(a), Ok(b)) => (a, b),
         _ => return,
     };
-    let sleep = zbus::MessageStream::for_match_rule(sleep_rule, &conn, Some(16)).await;
-    let nm = zbus::MessageStream::for_match_rule(nm_rule, &conn, Some(16)).await;
+    let sleep = zbus::MessageStream::for_match_rule(sleep_rule, &conn, QUEUE).await;
+    let nm = zbus::MessageStream::for_match_rule(nm_rule, &conn, QUEUE).await;
     let (Ok(mut sleep), Ok(mut nm)) = (sleep, nm) else {
         debug!("cannot subscribe to logind or NetworkManager signals");
         return;

@@ -272,10 +272,10 @@ async fn a_409_profile_conflict_still_logs_in() {
     let d = env.start_daemon().await;
     assert!(state_is(&env, "first", "valid").await);
     use std::collections::HashMap;
-    use zbus::zvariant::Value;
-    let mut p: HashMap<&str, Value<'_>> = HashMap::new();
-    p.insert("unique_user_id", Value::from("shared-user-01"));
-    p.insert("email", Value::from("changed@example.com"));
+    use zbus::Variant;
+    let mut p: HashMap<&str, Variant<'_>> = HashMap::new();
+    p.insert("unique_user_id", Variant::from("shared-user-01"));
+    p.insert("email", Variant::from("changed@example.com"));
     env.manager().await.add_session("second", p).await.unwrap();
     assert!(state_is(&env, "second", "valid").await, "log:\n{}", d.log.text());
     assert_eq!(env.sim.counters().sign_by_status.get(&409), Some(&1));

@@ -51,14 +51,14 @@ fn facts(node: &Node<'_>) -> BTreeSet<String> {
                     "{i} method {} arg #{n} name={:?} type={} direction={dir}",
                     m.name(),
                     a.name(),
-                    a.ty().inner()
+                    a.ty()
                 ));
             }
         }
         for s in iface.signals() {
             out.insert(format!("{i} signal {}", s.name()));
             for (n, a) in s.args().iter().enumerate() {
-                out.insert(format!("{i} signal {} arg #{n} name={:?} type={}", s.name(), a.name(), a.ty().inner()));
+                out.insert(format!("{i} signal {} arg #{n} name={:?} type={}", s.name(), a.name(), a.ty()));
             }
         }
         for p in iface.properties() {
@@ -67,7 +67,7 @@ fn facts(node: &Node<'_>) -> BTreeSet<String> {
                 PropertyAccess::Write => "write",
                 PropertyAccess::ReadWrite => "readwrite",
             };
-            out.insert(format!("{i} property {} type={} access={access}", p.name(), p.ty().inner()));
+            out.insert(format!("{i} property {} type={} access={access}", p.name(), p.ty()));
         }
     }
     out
@@ -96,9 +96,7 @@ fn diff(file: &BTreeSet<String>, live: &BTreeSet<String>) -> String {
 async fn introspect(env: &Env, path: &str) -> String {
     let proxy = zbus::fdo::IntrospectableProxy::builder(&env.conn)
         .destination(names::BUS_NAME)
-        .unwrap()
         .path(path)
-        .unwrap()
         .build()
         .await
         .unwrap();
@@ -144,7 +142,7 @@ fn the_comparison_notices_a_changed_argument_name_type_or_member() {
         (r#"<signal name="AuthorizationExpired">"#, r#"<signal name="AuthorizationLapsed">"#),
         (r#"<property name="Valid" type="b" access="read">"#, r#"<property name="Valid" type="b" access="readwrite">"#),
         (r#"<arg name="sessions" type="ao" direction="out">"#, r#"<arg name="sessions" type="ao" direction="in">"#),
-        (r#"<arg name="token" type="(st)" direction="out">"#, r#"<arg name="token" type="(ss)" direction="out">"#),
+        (r#"<arg name="token" type="s" direction="out">"#, r#"<arg name="token" type="u" direction="out">"#),
     ] {
         assert!(xml.contains(from), "{from}");
         let changed = facts(&parse(&xml.replacen(from, to, 1), "the changed file"));
@@ -161,7 +159,7 @@ fn every_interface_member_and_argument_is_documented() {
     let mut missing = Vec::new();
     for iface in node.interfaces() {
         let i = iface.name().to_string();
-        if !has_doc(iface.annotations()) {
+        if !has_doc(&iface.annotations().cloned().collect::<Vec<_>>()) {
             missing.push(i.clone());
         }
         for m in iface.methods() {

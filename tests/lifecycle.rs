@@ -230,9 +230,7 @@ async fn properties_changed_and_signals_follow_a_refresh() {
     let s = env.session("default").await;
     let props = zbus::fdo::PropertiesProxy::builder(&env.conn)
         .destination(entrupy_tokend::names::BUS_NAME)
-        .unwrap()
         .path(entrupy_tokend::names::session_path("default"))
-        .unwrap()
         .build()
         .await
         .unwrap();
@@ -244,13 +242,13 @@ async fn properties_changed_and_signals_follow_a_refresh() {
     assert!(exp > old);
     let sig = tokio::time::timeout(T, succeeded.next()).await.unwrap().unwrap();
     assert_eq!(sig.args().unwrap().expires_at, exp);
-    let mut seen: std::collections::HashMap<String, zbus::zvariant::OwnedValue> = std::collections::HashMap::new();
+    let mut seen: std::collections::HashMap<String, zbus::OwnedVariant> = std::collections::HashMap::new();
     while !seen.contains_key("ExpiresAt") {
         let c = tokio::time::timeout(T, changes.next()).await.expect("PropertiesChanged").unwrap();
         let args = c.args().unwrap();
         assert_eq!(args.interface_name.as_str(), "com.entrupy.TokenDaemon1.Session");
         for (k, v) in args.changed_properties.iter() {
-            seen.insert(k.to_string(), zbus::zvariant::OwnedValue::try_from(v.try_clone().unwrap()).unwrap());
+            seen.insert(k.to_string(), zbus::OwnedVariant::try_from(v.try_clone().unwrap()).unwrap());
         }
     }
     assert_eq!(u64::try_from(&seen["ExpiresAt"]).unwrap(), exp);
@@ -268,15 +266,15 @@ async fn manager_adds_lists_and_removes_sessions() {
     assert_eq!(list[0].as_str(), "/com/entrupy/TokenDaemon1/session/default");
     assert_eq!(err_name(m.get_session("nope").await), "NoSuchSession");
     use std::collections::HashMap;
-    use zbus::zvariant::Value;
+    use zbus::Variant;
     let om = env.object_manager().await;
     let mut added = om.receive_interfaces_added().await.unwrap();
     let mut removed = om.receive_interfaces_removed().await.unwrap();
     let profile = |uid: &'static str| {
-        let mut p: HashMap<&str, Value<'_>> = HashMap::new();
-        p.insert("unique_user_id", Value::from(uid));
-        p.insert("email", Value::from("second@example.com"));
-        p.insert("first_name", Value::from("Grace"));
+        let mut p: HashMap<&str, Variant<'_>> = HashMap::new();
+        p.insert("unique_user_id", Variant::from(uid));
+        p.insert("email", Variant::from("second@example.com"));
+        p.insert("first_name", Variant::from("Grace"));
         p
     };
     let path = m.add_session("my-id", profile("user-0002-abcd")).await.unwrap();
@@ -287,10 +285,10 @@ async fn manager_adds_lists_and_removes_sessions() {
     assert_eq!(err_name(m.add_session("Bad Id", profile("user-0002-abcd")).await), "InvalidArgument");
     assert_eq!(err_name(m.add_session("x", profile("short")).await), "InvalidArgument");
     let mut bad = profile("user-0002-abcd");
-    bad.insert("colour", Value::from("red"));
+    bad.insert("colour", Variant::from("red"));
     assert_eq!(err_name(m.add_session("x", bad).await), "InvalidArgument");
     let mut bad = profile("user-0002-abcd");
-    bad.insert("email", Value::from(5u32));
+    bad.insert("email", Variant::from(5u32));
     assert_eq!(err_name(m.add_session("x", bad).await), "InvalidArgument");
     let mut bad = profile("user-0002-abcd");
     bad.remove("email");
@@ -354,10 +352,9 @@ async fn sessions_found_at_start_are_listed_not_announced() {
     let rule = zbus::MatchRule::builder()
         .msg_type(zbus::message::Type::Signal)
         .interface("org.freedesktop.DBus.ObjectManager")
-        .unwrap()
         .member("InterfacesAdded")
-        .unwrap()
-        .build();
+        .build()
+        .unwrap();
     let mut signals = zbus::MessageStream::for_match_rule(rule, &env.conn, None).await.unwrap();
     let _d = env.start_daemon().await;
     let om = env.object_manager().await;
@@ -365,12 +362,12 @@ async fn sessions_found_at_start_are_listed_not_announced() {
     let paths: Vec<&str> = objects.keys().map(|p| p.as_str()).collect();
     assert_eq!(paths, ["/com/entrupy/TokenDaemon1/session/default"]);
     let mut profile = std::collections::HashMap::new();
-    profile.insert("unique_user_id", zbus::zvariant::Value::from("user-0002-abcd"));
-    profile.insert("email", zbus::zvariant::Value::from("second@example.com"));
+    profile.insert("unique_user_id", zbus::Variant::from("user-0002-abcd"));
+    profile.insert("email", zbus::Variant::from("second@example.com"));
     let added = env.manager().await.add_session("later", profile).await.unwrap();
     // The first InterfacesAdded the bus delivered is the added session's.
     let msg = tokio::time::timeout(T, signals.next()).await.unwrap().unwrap().unwrap();
-    type Interfaces = std::collections::HashMap<String, std::collections::HashMap<String, zbus::zvariant::OwnedValue>>;
-    let (path, _): (zbus::zvariant::OwnedObjectPath, Interfaces) = msg.body().deserialize().unwrap();
+    type Interfaces = std::collections::HashMap<String, std::collections::HashMap<String, zbus::OwnedVariant>>;
+    let (path, _): (zbus::OwnedObjectPath, Interfaces) = msg.body().deserialize().unwrap();
     assert_eq!(path.as_str(), added.as_str());
 }

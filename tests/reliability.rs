@@ -297,7 +297,7 @@ impl Notifications {
         summary: &str,
         body: &str,
         _actions: Vec<String>,
-        _hints: std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+        _hints: std::collections::HashMap<String, zbus::OwnedVariant>,
         _expire_timeout: i32,
     ) -> u32 {
         let mut c = self.calls.lock().unwrap();
@@ -312,11 +312,8 @@ type Calls = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
 async fn notification_server(env: &Env) -> (zbus::Connection, Calls) {
     let calls = Calls::default();
     let server = zbus::connection::Builder::address(env.bus.address.as_str())
-        .unwrap()
         .name("org.freedesktop.Notifications")
-        .unwrap()
         .serve_at("/org/freedesktop/Notifications", Notifications { calls: calls.clone() })
-        .unwrap()
         .build()
         .await
         .unwrap();

@@ -60,7 +60,7 @@ impl Drop for Bus {
 
 /// A new connection to `address`.
 pub async fn connect(address: &str) -> Result<Connection> {
-    Ok(zbus::connection::Builder::address(address)?.method_timeout(Duration::from_secs(60)).build().await?)
+    Ok(zbus::connection::Builder::address(address).method_timeout(Duration::from_secs(60)).build().await?)
 }
 
 /// The daemon as a child process.

@@ -38,7 +38,7 @@ async fn is_valid(c: &Connection, id: &str) -> Result<bool> {
 /// A session's `State` property.
 async fn state(c: &Connection, id: &str) -> Result<String> {
     let t = Target::new(BUS_NAME, &names::session_path(id), get(SESSION_INTERFACE, "State"));
-    let v: zbus::zvariant::OwnedValue = t.run(c).await?.body().deserialize()?;
+    let v: zbus::OwnedVariant = t.run(c).await?.body().deserialize()?;
     Ok(String::try_from(v)?)
 }
 
@@ -514,7 +514,7 @@ pub async fn scale(s: &Settings, rep: &mut Report) -> Result<()> {
     }
     rep.detail(format!("scale: wrote {n} session files in {:.2} s", tw.elapsed().as_secs_f64()));
     let (mut d, startup) = env.start().await?;
-    let paths: Vec<zbus::zvariant::OwnedObjectPath> = env
+    let paths: Vec<zbus::OwnedObjectPath> = env
         .conn
         .call_method(Some(BUS_NAME), names::MANAGER_PATH, Some(names::MANAGER_INTERFACE), "ListSessions", &())
         .await?
@@ -702,10 +702,11 @@ pub async fn logins(s: &Settings, rep: &mut Report) -> Result<()> {
     })?;
     let rule = zbus::MatchRule::builder()
         .msg_type(zbus::message::Type::Signal)
-        .interface(SESSION_INTERFACE)?
-        .member("AuthorizationExpired")?
-        .build();
-    let mut expired_stream = zbus::MessageStream::for_match_rule(rule, &env.conn, Some(64)).await?;
+        .interface(SESSION_INTERFACE)
+        .member("AuthorizationExpired")
+        .build()?;
+    let mut expired_stream =
+        zbus::MessageStream::for_match_rule(rule, &env.conn, std::num::NonZeroUsize::new(64)).await?;
     let expired = Arc::new(AtomicU64::new(0));
     let counter = expired.clone();
     let watcher = tokio::spawn(async move {

@@ -56,7 +56,7 @@ impl Bus {
     }
 
     pub async fn connect(&self) -> Connection {
-        zbus::connection::Builder::address(self.address.as_str()).unwrap().build().await.unwrap()
+        zbus::connection::Builder::address(self.address.as_str()).build().await.unwrap()
     }
 }
 
@@ -236,7 +236,6 @@ impl Env {
     pub async fn session(&self, id: &str) -> SessionProxy<'static> {
         SessionProxy::builder(&self.conn)
             .path(names::session_path(id))
-            .unwrap()
             .cache_properties(CacheProperties::No)
             .build()
             .await
@@ -250,9 +249,7 @@ impl Env {
     pub async fn object_manager(&self) -> zbus::fdo::ObjectManagerProxy<'static> {
         zbus::fdo::ObjectManagerProxy::builder(&self.conn)
             .destination(names::BUS_NAME)
-            .unwrap()
             .path(names::MANAGER_PATH)
-            .unwrap()
             .build()
             .await
             .unwrap()

@@ -1,0 +1,56 @@
+//! One session: who it is ([`Profile`]), its pure state machine ([`core`]), the login
+//! attempt the loop drives for it ([`attempt`]), what the bus reads of it ([`snapshot`]) and
+//! what is kept of it on disk ([`record`]).
+//!
+//! The daemon's loop (`crate::engine`) owns every session's [`core::Core`]; nothing here
+//! holds a lock or a task.
+
+pub mod attempt;
+pub mod core;
+pub mod record;
+pub mod snapshot;
+
+pub use self::core::{Params, State};
+pub use self::snapshot::Snapshot;
+
+use crate::config::CredentialSource;
+use crate::secret::Secret;
+
+/// Where the session's app-user credential comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// None: signing requests go without `Authorization`.
+    None,
+    /// A file (or systemd credential), read at every attempt.
+    Source(CredentialSource),
+    /// Given to `AddSession` and kept with the state.
+    Inline(Secret),
+}
+
+/// Where a session was defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// In the config file: changed there, removed by a reload.
+    Config,
+    /// Added over D-Bus: its profile is kept with its state.
+    Bus,
+}
+
+/// Who a session is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    /// Session id.
+    pub id: String,
+    /// The user.
+    pub unique_user_id: String,
+    /// E-mail.
+    pub email: String,
+    /// Optional.
+    pub first_name: Option<String>,
+    /// Optional.
+    pub last_name: Option<String>,
+    /// The app-user credential.
+    pub credential: Credential,
+    /// Where it was defined.
+    pub origin: Origin,
+}

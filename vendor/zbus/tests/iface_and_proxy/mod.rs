@@ -1,4 +1,0 @@
-pub mod client;
-pub mod helpers;
-pub mod iface;
-pub mod types;
