@@ -332,3 +332,16 @@ async fn failures_never_quote_a_secret() {
     assert_eq!(all[4].to_string(), "Entrupy answered 200: malformed answer: larger than 64 KiB");
     assert!(matches!(all[5].kind, FailureKind::Malformed) && all[5].peer == Peer::Backend);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_error_body_keeps_its_status() {
+    let sim = Simulator::start(SimConfig::default()).await.unwrap();
+    let c = clients(&sim.api_url(), &sim.backend_url(), &ProxyConfig::default(), Duration::from_secs(5));
+    let page = Some(format!(r#"{{"description":"{}"}}"#, "x".repeat(100_000)));
+    sim.push_fault(Endpoint::Login, Fault::Status { status: 404, body: page.clone(), retry_after: None }, 1);
+    let f = c.login(&Secret::new("signed"), now()).await.unwrap_err();
+    assert_eq!((f.kind.clone(), f.to_string()), (FailureKind::Permanent, "Entrupy answered 404: Not Found".to_owned()));
+    sim.push_fault(Endpoint::Sign, Fault::Status { status: 503, body: page, retry_after: None }, 1);
+    let f = sign(&c, &Secret::new(CREDENTIAL)).await.unwrap_err();
+    assert_eq!((f.kind.clone(), f.status), (FailureKind::Server, Some(503)));
+}
