@@ -5,7 +5,7 @@
 //! - `POST /_sim/fault` `{"endpoint":"login"|"sign", "count":N?, ...}` with either
 //!   `"status":503, "retry_after":"5"?, "body":"..."?` or `"kind":` one of `hang`, `drop`,
 //!   `malformed`, `oversized` (`"bytes"`), `trickle` (`"bytes_per_sec"`, `"total"`),
-//!   `delay` (`"ms"`), `status`.
+//!   `delay` (`"ms"`), `redirect` (`"location"`, `"status"`, 302 when not given), `status`.
 //! - `POST /_sim/clear` drops all pending faults.
 //! - `POST /_sim/pause` `{"paused": true|false}` holds or releases requests.
 //! - `GET /_sim/stats` answers the counters and the pending fault counts.
@@ -117,6 +117,13 @@ pub(crate) fn parse_fault(v: &Value) -> Result<(Endpoint, Fault, u32), String> {
             total: usize::try_from(uint("total")?).map_err(|_| "total is too large")?,
         },
         "delay" => Fault::Delay { ms: uint("ms")? },
+        "redirect" => Fault::Redirect {
+            status: match v.get("status") {
+                None => 302,
+                Some(_) => u16::try_from(uint("status")?).map_err(|_| "status is too large")?,
+            },
+            location: string("location")?.ok_or("a redirect needs a location")?,
+        },
         other => return Err(format!("unknown fault kind {other:?}")),
     };
     Ok((endpoint, fault, count))
@@ -138,6 +145,11 @@ mod tests {
         assert_eq!((ep, f, n), (Endpoint::Sign, Fault::Hang, 1));
         assert_eq!(parse_fault(&json!({"endpoint":"sign","kind":"drop"})).unwrap().1, Fault::Drop);
         assert_eq!(parse_fault(&json!({"endpoint":"sign","kind":"malformed"})).unwrap().1, Fault::MalformedJson);
+        assert_eq!(
+            parse_fault(&json!({"endpoint":"sign","kind":"redirect","location":"http://127.0.0.1:1/x"})).unwrap().1,
+            Fault::Redirect { status: 302, location: "http://127.0.0.1:1/x".into() }
+        );
+        assert!(parse_fault(&json!({"endpoint":"sign","kind":"redirect"})).is_err());
         assert!(parse_fault(&json!({"endpoint":"x","kind":"hang"})).is_err());
         assert!(parse_fault(&json!({"endpoint":"login"})).is_err());
         assert!(parse_fault(&json!({"endpoint":"login","kind":"nope"})).is_err());

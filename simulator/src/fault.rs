@@ -44,6 +44,9 @@ pub enum Fault {
     Trickle { bytes_per_sec: u32, total: usize },
     /// Wait this long, then process the request normally.
     Delay { ms: u64 },
+    /// Answer with a redirect: this status (a 3xx, though any is sent as given) and a
+    /// `Location` header, so a test can check that a client does not follow it.
+    Redirect { status: u16, location: String },
 }
 
 /// The pending faults of both endpoints.

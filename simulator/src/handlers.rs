@@ -167,6 +167,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result
             Some("application/json"),
             SimBody::full(&b"{\"token\": \"abc\", \"expiration_time\": "[..]),
         )),
+        Some(Fault::Redirect { status, location }) => {
+            let mut r = error_response(status, "moved", "see Location");
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            Some(r)
+        }
         Some(Fault::Body { status, body }) => Some(response(status, Some("application/json"), SimBody::full(body))),
         Some(Fault::Oversized { bytes }) => Some(response(200, Some("application/json"), SimBody::oversized(bytes))),
         Some(Fault::Trickle { bytes_per_sec, total }) => {
