@@ -6,6 +6,7 @@ pub mod bus;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod credential;
 pub mod ctl;
 pub mod daemon;
 pub mod engine;

@@ -20,6 +20,27 @@ pub fn stderr_is_journal() -> bool {
     }
 }
 
+/// Checks a `--log-level` value: `RUST_LOG` syntax in which every directive names a level,
+/// either alone (`debug`) or for a target (`entrupy_tokend=trace`). `EnvFilter` alone would
+/// take a misspelt level such as `verbose` or `warning` for a target name and enable that
+/// target only, so that the daemon would then print nothing at all.
+pub fn check_level(spec: &str) -> Result<(), String> {
+    const HINT: &str =
+        "use one of off, error, warn, info, debug, trace, or directives such as info,entrupy_tokend=debug";
+    if spec.trim().is_empty() {
+        return Err(format!("empty; {HINT}"));
+    }
+    EnvFilter::try_new(spec).map_err(|e| format!("{spec:?} is not a log filter ({e}); {HINT}"))?;
+    for directive in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level).trim();
+        // `LevelFilter` takes the empty string for `trace`; a directive must name its level.
+        if level.is_empty() || level.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
+            return Err(format!("{directive:?} names no level; {HINT}"));
+        }
+    }
+    Ok(())
+}
+
 /// Installs the global subscriber. `level` is a `RUST_LOG`-style filter (the `--log-level`
 /// flag); `RUST_LOG` wins when set.
 pub fn init(level: &str) {
@@ -75,6 +96,17 @@ mod tests {
         let mut d: Vec<String> = filter(spec).to_string().split(',').map(str::to_owned).collect();
         d.sort();
         d
+    }
+
+    #[test]
+    fn log_levels_are_checked() {
+        for ok in ["info", "DEBUG", "warn", "off", "trace", "info,entrupy_tokend=debug", "error,zbus=trace", "info,"] {
+            assert_eq!(check_level(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", " ", "verbose", "warning", "info,entrupy_tokend", "entrupy_tokend=loud", "info=", "[{"] {
+            let e = check_level(bad).unwrap_err();
+            assert!(e.contains("use one of off, error, warn, info, debug, trace"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -18,7 +18,8 @@ struct Cli {
     /// Validate the config, print a summary, and exit 0 (valid) or 78 (invalid).
     #[arg(long)]
     check_config: bool,
-    /// Log filter, RUST_LOG syntax (RUST_LOG wins when set).
+    /// Log level (off, error, warn, info, debug, trace) or RUST_LOG-style directives that each
+    /// name a level, such as info,entrupy_tokend=debug (RUST_LOG wins when set).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: String,
 }
@@ -42,6 +43,10 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if let Err(e) = logging::check_level(&cli.log_level) {
+        eprintln!("entrupy-tokend: invalid --log-level: {e}");
+        return ExitCode::from(EX_CONFIG);
+    }
     let location = match config::locate(cli.config.as_deref()) {
         Ok(l) => l,
         Err(e) => {
@@ -57,7 +62,15 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
-        print_summary(&location, &cfg);
+        // The daemon's start makes the same check; here it also creates the directory.
+        let state_dir = match config::check_state_dir(&cfg) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("entrupy-tokend: invalid configuration: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        };
+        print_summary(&location, &cfg, &state_dir);
         return ExitCode::SUCCESS;
     }
     logging::init(&cli.log_level);
@@ -155,17 +168,14 @@ fn spawn_signal_handlers(
     }))
 }
 
-fn print_summary(location: &config::ConfigLocation, cfg: &config::Config) {
+fn print_summary(location: &config::ConfigLocation, cfg: &config::Config, state_dir: &std::path::Path) {
     let exists = location.path.exists();
     println!(
         "config: {}{}",
         location.path.display(),
         if exists { "" } else { " (not present: no sessions configured yet)" }
     );
-    match config::state_dir(cfg) {
-        Ok(d) => println!("state_dir: {}", d.display()),
-        Err(e) => println!("state_dir: unresolved ({e})"),
-    }
+    println!("state_dir: {}", state_dir.display());
     println!("entrupy.api_url: {}", cfg.api_url);
     match &cfg.backend {
         Some(b) => println!(
@@ -185,10 +195,12 @@ fn print_summary(location: &config::ConfigLocation, cfg: &config::Config) {
         humantime::format_duration(r.backoff_initial),
         humantime::format_duration(r.backoff_max)
     );
+    let rl = &cfg.rate_limit;
     println!(
-        "rate_limit: {} logins/minute, {} logins/day per unique_user_id",
-        cfg.rate_limit.logins_per_minute, cfg.rate_limit.logins_per_day
+        "rate_limit: {} logins/minute, {} logins/day per unique_user_id, {} of them reserved for refreshes",
+        rl.logins_per_minute, rl.logins_per_day, rl.reserved_for_refresh
     );
+    println!("sandbox: {}", if cfg.sandbox.enabled { "enabled (Landlock)" } else { "disabled" });
     println!("sessions: {}", cfg.sessions.len());
     for s in &cfg.sessions {
         let cred = cfg.credential_for(s).map(|c| c.describe()).unwrap_or_else(|| "none".to_owned());
