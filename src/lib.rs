@@ -14,6 +14,7 @@ pub mod http;
 pub mod logging;
 pub mod names;
 pub mod policy;
+pub mod sandbox;
 pub mod schedule;
 pub mod secret;
 pub mod session;
