@@ -144,6 +144,14 @@ fn child_confined(tree: &Tree, ports: &[u16]) {
             allowed(d, std::fs::read_dir(d));
         }
     }
+    // Name resolution through the C library (nsswitch, hosts, its modules) and the trust
+    // store, as the HTTP client uses them.
+    let resolved = allowed("resolve localhost", std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 80)));
+    assert!(resolved.count() > 0);
+    let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if bundle.exists() {
+        assert!(allowed("read the CA bundle", std::fs::read_to_string(bundle)).contains("BEGIN CERTIFICATE"));
+    }
     let mut random = [0u8; 16];
     allowed("/dev/urandom", std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random)));
     allowed("write /dev/null", std::fs::write("/dev/null", b"x"));
