@@ -275,17 +275,20 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!("\nrunning {} tests", selected.len());
-    let mut failed = 0;
+    let (mut passed, mut failed) = (0, 0);
     for (name, case) in selected {
         println!("test {name} ...");
         match std::panic::catch_unwind(case) {
-            Ok(()) => println!("test {name} ... ok"),
+            Ok(()) => {
+                println!("test {name} ... ok");
+                passed += 1;
+            }
             Err(_) => {
                 println!("test {name} ... FAILED");
                 failed += 1;
             }
         }
     }
-    println!("\ntest result: {}. {failed} failed", if failed == 0 { "ok" } else { "FAILED" });
+    println!("\ntest result: {}. {passed} passed; {failed} failed", if failed == 0 { "ok" } else { "FAILED" });
     if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
