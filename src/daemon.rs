@@ -22,9 +22,10 @@ use crate::http::{self, Clients};
 use crate::ledger::Ledger;
 use crate::names;
 use crate::policy::Budget;
+use crate::sandbox::{self, Enforcement, Plan, Status};
 use crate::session::attempt::Peers;
 use crate::session::{Credential, Origin, Params, Profile, Snapshot};
-use crate::store::{SessionRecord, Store};
+use crate::store::{SessionRecord, Store, StoreError};
 use crate::watch::{Outside, SystemBus, WallEvent, WallTimer};
 use crate::writer::Writer;
 
@@ -105,27 +106,27 @@ fn reload_of(location: &ConfigLocation, config: &Config) -> Result<Reload, Strin
     })
 }
 
-/// Opens the state directory; on failure the daemon runs from memory (logged).
-fn open_store(config: &Config) -> Option<Store> {
-    let dir = match config::state_dir(config) {
-        Ok(d) => d,
-        Err(e) => {
-            error!(error = %e, "no state directory; running without saving state");
-            return None;
-        }
-    };
-    match Store::open(&dir) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            error!(error = %e, "cannot use the state directory; running without saving state");
-            None
-        }
-    }
+/// Opens the state directory (SPEC 2): one that cannot be used is a configuration error,
+/// and one that another instance holds means that instance runs.
+fn open_store(config: &Config) -> Result<Store, RunError> {
+    let dir = config::check_state_dir(config)?;
+    Store::open(&dir).map_err(|e| match e {
+        StoreError::Locked { .. } => RunError::Unavailable(format!(
+            "another entrupy-tokend uses the state directory {} (it holds its lock)",
+            dir.display()
+        )),
+        e => RunError::Config(config::ConfigError {
+            file: config.file.clone(),
+            key: Some("state_dir".into()),
+            position: None,
+            message: format!("cannot use the state directory: {e}"),
+        }),
+    })
 }
 
 /// What the state directory holds at start.
-struct Loaded {
-    store: Option<Store>,
+struct State {
+    store: Store,
     device_id: String,
     ledger: Ledger,
     records: BTreeMap<String, SessionRecord>,
@@ -134,31 +135,25 @@ struct Loaded {
 /// Reads the state on this thread, not the blocking pool: nothing is served yet, and what
 /// is read stays in the main allocator arena instead of pinning a worker thread's arena
 /// (with 10,000 sessions, about 8 MiB).
-fn load_state(config: &Config) -> Loaded {
-    let store = open_store(config);
-    let Some(s) = store.as_ref() else {
-        return Loaded {
-            store,
-            device_id: crate::authreq::random_hex128(),
-            ledger: Ledger::default(),
-            records: BTreeMap::new(),
-        };
-    };
-    let device_id = s.device_id().unwrap_or_else(|e| {
+fn load_state(store: Store) -> State {
+    let device_id = store.device_id().unwrap_or_else(|e| {
         error!(error = %e, "cannot keep the device id; using a new one for this run");
         crate::authreq::random_hex128()
     });
     // Without the histories the budget would restart from zero: say so, and go on (the
     // vendor's own limit still holds).
-    let logins = s.load_logins().unwrap_or_else(|e| {
+    let logins = store.load_logins().unwrap_or_else(|e| {
         error!(error = %e, "cannot read the login histories; the budget starts empty");
         Default::default()
     });
-    let records = s.load_sessions().unwrap_or_else(|e| {
-        error!(error = %e, "cannot read the session states; sessions start logged out");
+    let records = store.load_sessions().unwrap_or_else(|e| {
+        error!(error = %e, "cannot read the session states; sessions start afresh");
         Default::default()
     });
-    Loaded { store, device_id, ledger: Ledger::from_histories(logins), records }
+    for (name, e) in logins.failed.iter().chain(&records.failed) {
+        error!(file = %name, error = %e, "cannot read a state file; going on without it");
+    }
+    State { store, device_id, ledger: Ledger::from_histories(logins.items), records: records.items }
 }
 
 /// Sends a notification to systemd when it started us; harmless otherwise.
@@ -181,6 +176,9 @@ pub struct Controls {
     pub system_bus: SystemBus,
     /// Extra outside events (tests inject clock changes through it).
     pub outside: Option<mpsc::UnboundedReceiver<Outside>>,
+    /// Whether the daemon may confine itself (`[sandbox] enabled` decides); false for a
+    /// daemon run inside another program (tests), which must not confine its host.
+    pub sandbox: bool,
 }
 
 impl Controls {
@@ -193,8 +191,83 @@ impl Controls {
             session_bus: None,
             system_bus: SystemBus::Default,
             outside: None,
+            sandbox: true,
         }
     }
+}
+
+/// What the daemon needs of the file system and the network under `config` (SPEC 8).
+fn plan(location: &ConfigLocation, config: &Config) -> Result<Plan, String> {
+    let parent = |p: &std::path::Path| p.parent().map(std::path::Path::to_path_buf);
+    let mut read_only: Vec<std::path::PathBuf> = parent(&location.path).into_iter().collect();
+    let sources = config.backend.iter().filter_map(|b| b.token_file.clone());
+    for src in sources.chain(config.sessions.iter().filter_map(|s| s.backend_token_file.clone())) {
+        read_only.extend(src.path().ok().as_deref().and_then(parent));
+    }
+    for var in ["CREDENTIALS_DIRECTORY", "SSL_CERT_DIR"] {
+        read_only.extend(std::env::var_os(var).map(std::path::PathBuf::from));
+    }
+    read_only.extend(std::env::var_os("SSL_CERT_FILE").and_then(|f| parent(std::path::Path::new(&f))));
+    let proxy = http::ProxyConfig::from_env();
+    let proxies = [proxy.http, proxy.https].into_iter().flatten().filter_map(|u| reqwest::Url::parse(&u).ok());
+    let urls = std::iter::once(config.api_url.clone()).chain(config.backend.iter().map(|b| b.url.clone()));
+    let mut tcp_ports: Vec<u16> = urls.chain(proxies).filter_map(|u| u.port_or_known_default()).collect();
+    tcp_ports.sort_unstable();
+    tcp_ports.dedup();
+    Ok(Plan { home: Plan::home_from_env(), read_write: vec![config::state_dir(config)?], read_only, tcp_ports })
+}
+
+/// Confines the daemon (SPEC 8) when the config asks for it and a config file exists: a
+/// daemon started without one runs unconfined until a reload finds one. Returns the
+/// confinement in force, `None` while unconfined.
+fn confine(location: &ConfigLocation, config: &Config) -> Option<Status> {
+    if !config.sandbox.enabled || !location.path.is_file() {
+        return None;
+    }
+    if config.access.token_executables.is_some() {
+        // The allow-list reads the caller's /proc/PID/exe, a ptrace-level access that
+        // Landlock denies towards every process outside the sandbox.
+        warn!(
+            "[access] token_executables is set: it needs to read other processes' /proc/PID/exe, which Landlock forbids; running unconfined"
+        );
+        return None;
+    }
+    let plan = match plan(location, config) {
+        Ok(p) => p,
+        Err(e) => {
+            error!(error = %e, "cannot plan the confinement; running unconfined");
+            return None;
+        }
+    };
+    match sandbox::confine(&plan) {
+        Ok(status) if status.enforcement == Enforcement::NotEnforced => {
+            info!(%status, "no Landlock on this kernel: running unconfined");
+            None
+        }
+        Ok(status) => {
+            debug!(%status, "confined");
+            Some(status)
+        }
+        Err(e) => {
+            error!(error = %e, "cannot confine the daemon; running unconfined");
+            None
+        }
+    }
+}
+
+/// Whether a reload to `config` fits the confinement in force; if not, says that a restart
+/// is needed.
+fn fits_confinement(location: &ConfigLocation, config: &Config, current: Option<&Status>) -> Result<(), String> {
+    let Some(status) = current else { return Ok(()) };
+    let missing = status.uncovered(&plan(location, config)?);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = missing.iter().map(ToString::to_string).collect();
+    Err(format!(
+        "the new configuration needs {} outside the daemon's confinement; restart the daemon to use it",
+        list.join(", ")
+    ))
 }
 
 /// Connects to the session bus. A plain dbus-daemon that activates us may pass its address
@@ -261,12 +334,13 @@ async fn stop_engine(events: &mpsc::UnboundedSender<Event>) {
 pub async fn run(location: ConfigLocation, config: Config, mut controls: Controls) -> Result<(), RunError> {
     let started = std::time::Instant::now();
     let clock = controls.clock.clone();
-    let loaded = load_state(&config);
+    let loaded = load_state(open_store(&config)?);
+    let confinement = if controls.sandbox { confine(&location, &config) } else { None };
     debug!(sessions = loaded.records.len(), elapsed_ms = started.elapsed().as_millis() as u64, "state loaded");
     let (events, events_rx) = mpsc::unbounded_channel();
     let (updates, updates_rx) = mpsc::unbounded_channel();
     let unsaved = events.clone();
-    let writer = Writer::spawn(loaded.store, move |id| {
+    let writer = Writer::spawn(Some(loaded.store), move |id| {
         let _ = unsaved.send(Event::Unsaved(Arc::from(id)));
     })
     .map_err(|e| RunError::Other(format!("cannot start the state writer: {e}")))?;
@@ -304,17 +378,23 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
         return Err(e);
     }
     let status = ask(&events, Event::Status).await.unwrap_or_default();
+    let sandbox = match &confinement {
+        Some(c) => format!("Landlock ABI {} ({:?})", c.abi, c.enforcement).to_lowercase(),
+        None => "none".to_owned(),
+    };
     info!(
         version = names::VERSION,
         name = names::BUS_NAME,
         %status,
+        %sandbox,
         startup_ms = started.elapsed().as_millis() as u64,
         "ready"
     );
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
 
     let outside = outside_events(&mut controls);
-    let main = MainLoop { location, config, controls, events: events.clone(), ctx, notifier, clock, outside };
+    let main =
+        MainLoop { location, config, controls, events: events.clone(), ctx, notifier, clock, outside, confinement };
     main.run().await?;
 
     info!("shutting down");
@@ -354,6 +434,8 @@ struct MainLoop {
     notifier: Arc<Notifier>,
     clock: Clock,
     outside: mpsc::UnboundedReceiver<Outside>,
+    /// The confinement in force, `None` while unconfined.
+    confinement: Option<Status>,
 }
 
 impl MainLoop {
@@ -423,6 +505,7 @@ impl MainLoop {
     async fn reload(&mut self) -> Option<croner::Cron> {
         notify(&[sd_notify::NotifyState::Reloading]);
         let result = config::load(&self.location).map_err(|e| e.to_string()).and_then(|new| {
+            fits_confinement(&self.location, &new, self.confinement.as_ref())?;
             let cron = new.schedule()?;
             Ok((reload_of(&self.location, &new)?, new, cron))
         });
@@ -434,6 +517,9 @@ impl MainLoop {
                 self.ctx.access.set_token_executables(new.access.token_executables.clone());
                 self.notifier.set_enabled(new.notify.enabled);
                 *self.ctx.default_credential.write().unwrap_or_else(|e| e.into_inner()) = default_credential(&new);
+                if self.confinement.is_none() && self.controls.sandbox {
+                    self.confinement = confine(&self.location, &new);
+                }
                 self.config = new;
                 let _ = self.events.send(Event::Reload(Box::new(reload)));
                 Some(cron)

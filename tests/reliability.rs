@@ -40,6 +40,8 @@ async fn in_process(env: &Env, system_bus: SystemBus) -> InProcess {
         session_bus: Some(env.bus.address.clone()),
         system_bus,
         outside: Some(outside_rx),
+        // In-process: confining would confine the test runner.
+        sandbox: false,
     };
     let task = tokio::spawn(daemon::run(loc, cfg, controls));
     let dbus = zbus::fdo::DBusProxy::new(&env.conn).await.unwrap();

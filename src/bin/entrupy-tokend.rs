@@ -74,6 +74,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     logging::init(&cli.log_level);
+    // No core file can hold a token, and other processes of the user cannot ptrace us.
+    if let Err(e) = entrupy_tokend::sandbox::make_non_dumpable() {
+        tracing::warn!(error = %e, "cannot mark the process non-dumpable");
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
