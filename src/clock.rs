@@ -1,8 +1,11 @@
-//! The one place the wall clock is read.
+//! The daemon's wall clock: where its logic reads `now`.
 //!
-//! Everything else gets `now` (Unix seconds as `f64`) from a [`Clock`]. Tests and the
-//! reliability checks can shift the daemon's wall clock through an offset, which behaves like
-//! a clock change (`date -s`) without touching the machine's clock.
+//! The loop, the attempts and the bus get `now` (Unix seconds as `f64`) from a [`Clock`];
+//! the core gets it as an argument. (Edges that stamp files or parse HTTP dates read the
+//! system clock themselves.) Tests and the reliability checks can shift the daemon's wall
+//! clock through an offset, which behaves like a clock change (`date -s`) without touching
+//! the machine's clock, or make it follow tokio's clock, so that `tokio::time::pause()`
+//! moves both the timers and the wall clock.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -13,6 +16,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub struct Clock {
     /// Milliseconds added to the system clock (0 in production).
     offset_ms: Arc<AtomicI64>,
+    /// For tests: the wall time at a tokio instant, from which the clock follows tokio's
+    /// (possibly paused) clock instead of the system's.
+    follows: Option<(f64, tokio::time::Instant)>,
 }
 
 impl Clock {
@@ -21,10 +27,19 @@ impl Clock {
         Self::default()
     }
 
+    /// A clock that starts at the system's time and then moves with tokio's clock (tests
+    /// under `tokio::time::pause()`).
+    pub fn following_tokio() -> Self {
+        Clock { offset_ms: Arc::default(), follows: Some((system_now(), tokio::time::Instant::now())) }
+    }
+
     /// Unix seconds now, with sub-second precision.
     pub fn now(&self) -> f64 {
-        let sys = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        sys + self.offset_ms.load(Ordering::Relaxed) as f64 / 1000.0
+        let base = match self.follows {
+            Some((wall, at)) => wall + at.elapsed().as_secs_f64(),
+            None => system_now(),
+        };
+        base + self.offset_ms.load(Ordering::Relaxed) as f64 / 1000.0
     }
 
     /// Shifts the clock by `ms` (a simulated clock change).
@@ -36,6 +51,10 @@ impl Clock {
     pub fn to_system(&self, t: f64) -> f64 {
         t - self.offset_ms.load(Ordering::Relaxed) as f64 / 1000.0
     }
+}
+
+fn system_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 /// Seconds until `target` as a `Duration`, zero when it has passed (and for NaN).

@@ -1,6 +1,6 @@
-//! The store's one writer: a thread that writes state files in the order the loop asks for
-//! them, so a later write of a file never lands before an earlier one, and the loop never
-//! waits on a disk (an fsync takes milliseconds).
+//! The store's one writer: a task that writes state files, one at a time on the blocking
+//! pool, in the order the loop asks for them, so a later write of a file never lands before
+//! an earlier one, and the loop never waits on a disk (an fsync takes milliseconds).
 //!
 //! Each request returns a future that resolves once its write is done (or failed, with the
 //! reason); the loop awaits the ones that order matters for (a reservation before its login,
@@ -8,9 +8,9 @@
 //! path and never a secret.
 
 use std::future::Future;
-use std::sync::mpsc;
+use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{SessionRecord, Store};
 
@@ -31,27 +31,30 @@ struct Job {
 }
 
 /// Called with a session id when writing its record failed.
-type OnFailure = Box<dyn Fn(&str) + Send>;
+type OnFailure = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// The handle on the writer thread; without a store, every write succeeds at once.
+/// The handle on the writer task; without a store, every write succeeds at once.
 #[derive(Debug, Clone)]
 pub struct Writer {
-    tx: Option<mpsc::Sender<Job>>,
+    tx: Option<mpsc::UnboundedSender<Job>>,
 }
 
 impl Writer {
-    /// Starts the writer thread for `store`; `on_failure` hears of records that could not be
-    /// written.
-    pub fn spawn(store: Option<Store>, on_failure: impl Fn(&str) + Send + 'static) -> std::io::Result<Writer> {
+    /// Starts the writer task for `store` (on the current tokio runtime); `on_failure` hears
+    /// of records that could not be written.
+    pub fn spawn(store: Option<Store>, on_failure: impl Fn(&str) + Send + Sync + 'static) -> std::io::Result<Writer> {
         let Some(store) = store else { return Ok(Writer { tx: None }) };
-        let (tx, rx) = mpsc::channel::<Job>();
-        let on_failure: OnFailure = Box::new(on_failure);
-        std::thread::Builder::new().name("state-writer".into()).spawn(move || {
-            while let Ok(job) = rx.recv() {
-                let result = write(&store, job.write, &on_failure);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let on_failure: OnFailure = Arc::new(on_failure);
+        tokio::spawn(async move {
+            while let Some(job) = rx.recv().await {
+                let (store, on_failure) = (store.clone(), on_failure.clone());
+                let result = tokio::task::spawn_blocking(move || write(&store, job.write, &on_failure))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the state writer failed: {e}")));
                 let _ = job.done.send(result);
             }
-        })?;
+        });
         Ok(Writer { tx: Some(tx) })
     }
 

@@ -165,17 +165,11 @@ async fn credential(c: &Credential) -> Result<Option<Secret>, Error> {
     }
 }
 
-/// Reads a credential file: the content less one trailing newline, non-empty, and still
-/// private.
+/// Reads a credential file the SPEC 3 way (`crate::credential`): the file it opened must be
+/// regular, the user's, private and small; its content less one trailing newline, with no
+/// control character.
 fn read_credential(src: &CredentialSource) -> Result<Secret, String> {
-    let path = crate::config::check_credential_file(src)?;
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| format!("cannot read credential file {}: {e}", path.display()))?;
-    let t = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
-    if t.is_empty() || t.chars().any(char::is_control) {
-        return Err(format!("credential file {} is empty or holds a control character", path.display()));
-    }
-    Ok(Secret::new(t))
+    crate::credential::read(src).map_err(|e| e.to_string())
 }
 
 /// The credential file's stamp (to notice a change later), read off the runtime thread.
