@@ -14,8 +14,9 @@
 //!
 //! Landlock restricts the calling thread and the threads it starts afterwards; only ABI 8
 //! and later can restrict the other threads of the process at once. So the daemon calls
-//! [`confine`] before it starts its runtime; [`Status::all_threads`] says whether every
-//! thread is covered.
+//! [`confine`] while it has one thread (first thing in its run, on the current-thread
+//! runtime, before anything is spawned); [`Status::all_threads`] says whether every thread
+//! is covered.
 //!
 //! Not handled on purpose: connecting to Unix sockets by path (ABI 9), since the session
 //! bus, the system bus, journald and systemd's notify socket are all reached that way and
