@@ -1,6 +1,8 @@
 //! ARCHITECTURE.md's invariants that are about the shape of the source, checked by reading
 //! it (the behavioural ones have their tests beside the code they are about).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
