@@ -20,9 +20,10 @@ use crate::clock::Clock;
 use crate::engine::{Call, Event, ManagerCall, Update};
 use crate::error::{ApiError, Error, ErrorName};
 use crate::names;
+use crate::profile::Profile;
 use crate::secret::Secret;
 use crate::session::core::{Reply, Signal};
-use crate::session::{Credential, Origin, Profile, Snapshot};
+use crate::session::{Credential, Definition, Origin, Snapshot};
 
 /// Longest string accepted from a D-Bus caller (a signed request can be long; 64 KiB).
 pub const MAX_ARG_BYTES: usize = 64 * 1024;
@@ -209,27 +210,13 @@ impl ObjectManagerObject {
     ) -> zbus::Result<()>;
 }
 
-/// `AddSession`'s profile, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProfileArgs {
-    /// Required.
-    pub unique_user_id: String,
-    /// Required.
-    pub email: String,
-    /// Optional.
-    pub first_name: Option<String>,
-    /// Optional.
-    pub last_name: Option<String>,
-    /// Optional credential, kept with the state.
-    pub backend_token: Option<crate::secret::Secret>,
-}
-
 fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
 }
 
 /// Validates `AddSession`'s arguments: the id, and the profile's keys, types and values.
-pub fn parse_profile(id: &str, profile: &HashMap<String, OwnedVariant>) -> Result<ProfileArgs, Error> {
+/// Returns the profile and the credential to keep with the state, if one was given.
+pub fn parse_profile(id: &str, profile: &HashMap<String, OwnedVariant>) -> Result<(Profile, Option<Secret>), Error> {
     crate::config::validate_session_id(id).map_err(invalid)?;
     let get = |key: &str| -> Result<Option<String>, Error> {
         match profile.get(key).map(|v| &**v) {
@@ -246,28 +233,24 @@ pub fn parse_profile(id: &str, profile: &HashMap<String, OwnedVariant>) -> Resul
         }
     };
     const KNOWN: [&str; 5] = ["unique_user_id", "email", "first_name", "last_name", "backend_token"];
-    let args = ProfileArgs {
+    let parsed = Profile {
         unique_user_id: get("unique_user_id")?.ok_or_else(|| invalid("profile needs unique_user_id"))?,
         email: get("email")?.ok_or_else(|| invalid("profile needs email"))?,
         first_name: get("first_name")?,
         last_name: get("last_name")?,
-        backend_token: get("backend_token")?.map(crate::secret::Secret::new),
     };
+    let backend_token = get("backend_token")?.map(Secret::new);
     if let Some(unknown) = profile.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         let shown: String = unknown.chars().take(64).collect();
         return Err(invalid(format!("unknown profile key {shown:?}; known are {}", KNOWN.join(", "))));
     }
-    crate::config::validate_unique_user_id(&args.unique_user_id).map_err(invalid)?;
-    crate::config::validate_email(&args.email).map_err(invalid)?;
-    for n in [&args.first_name, &args.last_name].into_iter().flatten() {
-        crate::config::validate_name(n).map_err(invalid)?;
-    }
-    if let Some(t) = &args.backend_token
+    parsed.validate().map_err(|(_, m)| invalid(m))?;
+    if let Some(t) = &backend_token
         && (t.is_empty() || t.expose().chars().any(|c| c.is_control() || c == ' '))
     {
         return Err(invalid("backend_token must be non-empty, without spaces or control characters"));
     }
-    Ok(args)
+    Ok((parsed, backend_token))
 }
 
 /// `com.entrupy.TokenDaemon1.Manager` at `/com/entrupy/TokenDaemon1`.
@@ -327,18 +310,15 @@ impl ManagerObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath, Error> {
         self.ctx.access.check(conn, &hdr).await?;
-        let args = parse_profile(id, &profile)?;
+        let (profile, backend_token) = parse_profile(id, &profile)?;
         let default_credential = self.ctx.default_credential.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let profile = Profile {
+        let session = Definition {
             id: id.to_owned(),
-            unique_user_id: args.unique_user_id,
-            email: args.email,
-            first_name: args.first_name,
-            last_name: args.last_name,
-            credential: args.backend_token.map(Credential::Inline).unwrap_or(default_credential),
+            profile,
+            credential: backend_token.map(Credential::Inline).unwrap_or(default_credential),
             origin: Origin::Bus,
         };
-        let rx = self.ctx.ask(|tx| Event::Manager(ManagerCall::Add(Box::new(profile), tx))).await??;
+        let rx = self.ctx.ask(|tx| Event::Manager(ManagerCall::Add(Box::new(session), tx))).await??;
         serve_session(conn, &self.ctx, rx, true).await?;
         path(names::session_path(id))
     }
@@ -818,9 +798,9 @@ mod tests {
                 p.insert(k, OwnedVariant::try_from(Variant::from(v.as_str())).unwrap());
             }
             match parse_profile(&id, &p) {
-                Ok(args) => {
+                Ok((profile, _)) => {
                     proptest::prop_assert!(crate::config::validate_session_id(&id).is_ok());
-                    proptest::prop_assert!(crate::config::validate_unique_user_id(&args.unique_user_id).is_ok());
+                    proptest::prop_assert!(profile.validate().is_ok());
                 }
                 Err(Error::InvalidArgument(m)) => {
                     if let Some(Variant::Str(t)) = p.get("backend_token").map(|v| &**v)
@@ -846,7 +826,7 @@ mod tests {
         let mut p = HashMap::new();
         p.insert("unique_user_id".to_owned(), v("user-0001x"));
         p.insert("email".to_owned(), v("a@b.c"));
-        let ok = parse_profile("new", &p).unwrap();
+        let (ok, _) = parse_profile("new", &p).unwrap();
         assert_eq!(ok.unique_user_id, "user-0001x");
         assert!(matches!(parse_profile("Bad", &p), Err(Error::InvalidArgument(_))));
         let mut q = p.clone();

@@ -146,14 +146,8 @@ pub struct AccessConfig {
 pub struct SessionConfig {
     /// `[a-z0-9_-]{1,64}`.
     pub id: String,
-    /// 8-40 chars of `A-Za-z0-9@.+_-`.
-    pub unique_user_id: String,
-    /// The user's e-mail address.
-    pub email: String,
-    /// Optional given name.
-    pub first_name: Option<String>,
-    /// Optional family name.
-    pub last_name: Option<String>,
+    /// Who the user is.
+    pub profile: crate::profile::Profile,
     /// Overrides `[backend].token_file`.
     pub backend_token_file: Option<CredentialSource>,
 }
@@ -667,7 +661,8 @@ fn parse_session(ctx: &Ctx<'_>, i: usize, s: &Spanned<RawSession>) -> Result<Ses
     let last_name = s.last_name.clone().map(|n| checked(n, "last_name", validate_name)).transpose()?;
     let backend_token_file =
         s.backend_token_file.as_ref().map(|t| ctx.credential(&key("backend_token_file"), t)).transpose()?;
-    Ok(SessionConfig { id, unique_user_id, email, first_name, last_name, backend_token_file })
+    let profile = crate::profile::Profile { unique_user_id, email, first_name, last_name };
+    Ok(SessionConfig { id, profile, backend_token_file })
 }
 
 /// The table a byte offset is in, as a dotted name (`refresh`, `session[1]`), from the last
@@ -1049,7 +1044,7 @@ email = "other@example.com"
         assert_eq!(c.refresh.backoff_max, Duration::from_secs(3600));
         assert_eq!(c.rate_limit.logins_per_day, 50);
         assert_eq!(c.sessions.len(), 2);
-        assert_eq!(c.sessions[0].first_name.as_deref(), Some("Ada"));
+        assert_eq!(c.sessions[0].profile.first_name.as_deref(), Some("Ada"));
         assert_eq!(c.credential_for(&c.sessions[0]), Some(CredentialSource::File("/path".into())));
         assert_eq!(c.credential_for(&c.sessions[1]), Some(CredentialSource::SystemdCredential("app".into())));
     }

@@ -24,7 +24,7 @@ use crate::names;
 use crate::policy::Budget;
 use crate::sandbox::{self, Enforcement, Plan, Status};
 use crate::session::attempt::Peers;
-use crate::session::{Credential, Origin, Params, Profile, Snapshot};
+use crate::session::{Credential, Definition, Origin, Params, Snapshot};
 use crate::store::{SessionRecord, Store, StoreError};
 use crate::watch::{Outside, SystemBus, WallEvent, WallTimer};
 use crate::writer::Writer;
@@ -75,16 +75,13 @@ pub fn params(c: &Config) -> Params {
 }
 
 /// The sessions of the config file.
-fn configured(config: &Config) -> Vec<Profile> {
+fn configured(config: &Config) -> Vec<Definition> {
     config
         .sessions
         .iter()
-        .map(|s| Profile {
+        .map(|s| Definition {
             id: s.id.clone(),
-            unique_user_id: s.unique_user_id.clone(),
-            email: s.email.clone(),
-            first_name: s.first_name.clone(),
-            last_name: s.last_name.clone(),
+            profile: s.profile.clone(),
             credential: config.credential_for(s).map(Credential::Source).unwrap_or(Credential::None),
             origin: Origin::Config,
         })

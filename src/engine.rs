@@ -26,7 +26,7 @@ use crate::session::attempt::{self, Peers, Plan, Reservation};
 use crate::session::core::{
     AttemptResult, CallId, Core, Ctx, Effect, Input, Persisted, Reply, Settings, Signal, Stamp,
 };
-use crate::session::{Credential, Origin, Params, Profile, Snapshot, record};
+use crate::session::{Credential, Definition, Origin, Params, Snapshot, record};
 use crate::timers::Timers;
 use crate::writer::Writer;
 
@@ -83,7 +83,7 @@ pub enum ManagerCall {
     /// Whether a session exists.
     Exists(String, oneshot::Sender<bool>),
     /// `AddSession`: the snapshot channel of the new session (the bus serves its object).
-    Add(Box<Profile>, oneshot::Sender<Result<watch::Receiver<Snapshot>, ApiError>>),
+    Add(Box<Definition>, oneshot::Sender<Result<watch::Receiver<Snapshot>, ApiError>>),
     /// `RemoveSession`.
     Remove(String, oneshot::Sender<Result<(), ApiError>>),
     /// Every session's snapshot (`GetManagedObjects`).
@@ -94,7 +94,7 @@ pub enum ManagerCall {
 #[derive(Debug)]
 pub struct Reload {
     /// The sessions of the config file.
-    pub sessions: Vec<Profile>,
+    pub sessions: Vec<Definition>,
     /// Policy.
     pub params: Params,
     /// The peers (a new backend URL, timeout, ...).
@@ -122,7 +122,7 @@ pub enum Update {
 #[derive(Debug)]
 struct Slot {
     core: Core,
-    profile: Arc<Profile>,
+    session: Arc<Definition>,
     snapshot: watch::Sender<Snapshot>,
 }
 
@@ -202,9 +202,9 @@ impl Engine {
         }
     }
 
-    fn settings(&self, profile: &Profile) -> Settings {
+    fn settings(&self, session: &Definition) -> Settings {
         Settings {
-            unique_user_id: Arc::from(profile.unique_user_id.as_str()),
+            unique_user_id: Arc::from(session.profile.unique_user_id.as_str()),
             params: self.params,
             has_backend: self.peers.has_backend(),
         }
@@ -212,17 +212,17 @@ impl Engine {
 
     /// Adds a session (from the config, the state, `AddSession` or a reload) and returns its
     /// snapshot channel. It starts working at the loop's first turn.
-    pub fn insert(&mut self, profile: Profile, kept: Option<&Persisted>) -> watch::Receiver<Snapshot> {
+    pub fn insert(&mut self, session: Definition, kept: Option<&Persisted>) -> watch::Receiver<Snapshot> {
         let now = self.clock.now();
-        let settings = self.settings(&profile);
+        let settings = self.settings(&session);
         let core = match kept {
             Some(p) => Core::restore(settings, p, now),
             None => Core::new(settings),
         };
-        let id: Arc<str> = Arc::from(profile.id.as_str());
+        let id: Arc<str> = Arc::from(session.id.as_str());
         let (tx, rx) = watch::channel(Snapshot::of(&id, &core, &self.ledger, now));
         self.timers.set(&id, deadline(core.next_wake(&self.ledger, now), now));
-        self.sessions.insert(id, Slot { core, profile: Arc::new(profile), snapshot: tx });
+        self.sessions.insert(id, Slot { core, session: Arc::new(session), snapshot: tx });
         rx
     }
 
@@ -230,12 +230,12 @@ impl Engine {
     /// id); returns their snapshot channels, for the bus to serve.
     pub fn load(
         &mut self,
-        configured: Vec<Profile>,
+        configured: Vec<Definition>,
         mut records: BTreeMap<String, crate::store::SessionRecord>,
     ) -> Vec<(Arc<str>, watch::Receiver<Snapshot>)> {
         let mut out = Vec::with_capacity(configured.len() + records.len());
         for p in configured {
-            let kept = records.remove(&p.id).and_then(|r| record::persisted(&r, &p.unique_user_id));
+            let kept = records.remove(&p.id).and_then(|r| record::persisted(&r, &p.profile.unique_user_id));
             let id: Arc<str> = Arc::from(p.id.as_str());
             out.push((id, self.insert(p, kept.as_ref())));
         }
@@ -243,20 +243,17 @@ impl Engine {
             // A record without a profile belonged to a configured session that left the
             // config file; it has nothing to serve.
             let Some(sp) = rec.profile.clone() else { continue };
-            let profile = self.bus_profile(&id, sp);
-            let kept = record::persisted(&rec, &profile.unique_user_id);
-            out.push((Arc::from(id.as_str()), self.insert(profile, kept.as_ref())));
+            let session = self.bus_session(&id, sp);
+            let kept = record::persisted(&rec, &session.profile.unique_user_id);
+            out.push((Arc::from(id.as_str()), self.insert(session, kept.as_ref())));
         }
         out
     }
 
-    fn bus_profile(&self, id: &str, p: crate::store::StoredProfile) -> Profile {
-        Profile {
+    fn bus_session(&self, id: &str, p: crate::store::StoredProfile) -> Definition {
+        Definition {
             id: id.to_owned(),
-            unique_user_id: p.unique_user_id,
-            email: p.email,
-            first_name: p.first_name,
-            last_name: p.last_name,
+            profile: p.profile,
             credential: p.backend_token.map(Credential::Inline).unwrap_or_else(|| self.default_credential.clone()),
             origin: Origin::Bus,
         }
@@ -379,7 +376,7 @@ impl Engine {
             .iter()
             .filter(|(_, s)| s.snapshot.borrow().needs_sweep(now))
             .map(|(id, s)| {
-                let src = match (&s.profile.credential, s.core.waits_for_change()) {
+                let src = match (&s.session.credential, s.core.waits_for_change()) {
                     (Credential::Source(src), true) => Some(src.clone()),
                     _ => None,
                 };
@@ -424,7 +421,7 @@ impl Engine {
             Effect::Start(attempt, kind) => {
                 let plan = Plan {
                     kind,
-                    profile: slot.profile.clone(),
+                    session: slot.session.clone(),
                     device_id: self.device_id.clone(),
                     peers: self.peers.clone(),
                     clock: self.clock.clone(),
@@ -446,12 +443,12 @@ impl Engine {
                 }
             }
             Effect::Save => {
-                let rec = record::to_record(&slot.profile, &slot.core.persisted());
+                let rec = record::to_record(&slot.session, &slot.core.persisted());
                 drop(self.writer.save_session(rec));
             }
             Effect::Commit(attempt, persisted) => {
                 let uid = slot.core.unique_user_id().to_string();
-                let rec = record::to_record(&slot.profile, &persisted);
+                let rec = record::to_record(&slot.session, &persisted);
                 let logins = self.writer.save_logins(uid.clone(), self.ledger.history(&uid));
                 let session = self.writer.save_session(rec);
                 let sid = id.clone();
@@ -511,20 +508,20 @@ impl Engine {
         }
     }
 
-    fn add(&mut self, profile: Profile) -> Result<watch::Receiver<Snapshot>, ApiError> {
-        if self.sessions.contains_key(profile.id.as_str()) {
-            return Err(ApiError::new(ErrorName::AlreadyExists, format!("session {:?} exists", profile.id)));
+    fn add(&mut self, session: Definition) -> Result<watch::Receiver<Snapshot>, ApiError> {
+        if self.sessions.contains_key(session.id.as_str()) {
+            return Err(ApiError::new(ErrorName::AlreadyExists, format!("session {:?} exists", session.id)));
         }
         if self.sessions.len() >= MAX_SESSIONS {
             return Err(ApiError::new(ErrorName::InvalidArgument, format!("at most {MAX_SESSIONS} sessions")));
         }
-        info!(session = %profile.id, unique_user_id = %profile.unique_user_id, "session added over D-Bus");
-        let id: Arc<str> = Arc::from(profile.id.as_str());
-        let rx = self.insert(profile, None);
+        info!(session = %session.id, unique_user_id = %session.profile.unique_user_id, "session added over D-Bus");
+        let id: Arc<str> = Arc::from(session.id.as_str());
+        let rx = self.insert(session, None);
         self.step(&id, Input::Tick);
         if let Some(slot) = self.sessions.get(&id) {
             // Persisted at once: a session added over D-Bus lives in the state.
-            drop(self.writer.save_session(record::to_record(&slot.profile, &slot.core.persisted())));
+            drop(self.writer.save_session(record::to_record(&slot.session, &slot.core.persisted())));
         }
         Ok(rx)
     }
@@ -533,7 +530,7 @@ impl Engine {
         let Some(slot) = self.sessions.get(id) else {
             return Err(crate::bus::no_such_session(id));
         };
-        if slot.profile.origin == Origin::Config {
+        if slot.session.origin == Origin::Config {
             return Err(ApiError::new(
                 ErrorName::InvalidArgument,
                 format!(
@@ -549,7 +546,7 @@ impl Engine {
 
     /// Removes a session: cancels what is under way and deletes its state.
     fn forget(&mut self, id: &str, why: &str) {
-        let Some((id, _)) = self.sessions.get_key_value(id).map(|(k, v)| (k.clone(), v.profile.clone())) else {
+        let Some((id, _)) = self.sessions.get_key_value(id).map(|(k, v)| (k.clone(), v.session.clone())) else {
             return;
         };
         self.step(&id, Input::Stop(why.to_owned()));
@@ -565,12 +562,12 @@ impl Engine {
         self.peers = r.peers;
         self.default_credential = r.default_credential;
         self.config_file = r.config_file;
-        let wanted: BTreeMap<String, Profile> = r.sessions.into_iter().map(|p| (p.id.clone(), p)).collect();
+        let wanted: BTreeMap<String, Definition> = r.sessions.into_iter().map(|p| (p.id.clone(), p)).collect();
         // Configured sessions that left the file go as `RemoveSession` would remove them.
         let gone: Vec<Arc<str>> = self
             .sessions
             .iter()
-            .filter(|(id, s)| s.profile.origin == Origin::Config && !wanted.contains_key(id.as_ref()))
+            .filter(|(id, s)| s.session.origin == Origin::Config && !wanted.contains_key(id.as_ref()))
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
@@ -580,19 +577,19 @@ impl Engine {
         let ids: Vec<Arc<str>> = self.sessions.keys().cloned().collect();
         for id in ids {
             let Some(slot) = self.sessions.get_mut(&id) else { continue };
-            let profile = match wanted.get(id.as_ref()) {
+            let session = match wanted.get(id.as_ref()) {
                 Some(p) => p.clone(),
                 None => {
-                    let mut p = (*slot.profile).clone();
+                    let mut p = (*slot.session).clone();
                     if !matches!(p.credential, Credential::Inline(_)) {
                         p.credential = self.default_credential.clone();
                     }
                     p
                 }
             };
-            let settings = self.settings(&profile);
+            let settings = self.settings(&session);
             if let Some(slot) = self.sessions.get_mut(&id) {
-                slot.profile = Arc::new(profile);
+                slot.session = Arc::new(session);
             }
             self.step(&id, Input::Reconfigure(settings));
         }
@@ -630,7 +627,7 @@ impl Engine {
         self.inflight.abort_all();
         for id in std::mem::take(&mut self.unsaved) {
             if let Some(slot) = self.sessions.get(&id) {
-                drop(self.writer.save_session(record::to_record(&slot.profile, &slot.core.persisted())));
+                drop(self.writer.save_session(record::to_record(&slot.session, &slot.core.persisted())));
             }
         }
         if let Err(e) = self.writer.flush().await {

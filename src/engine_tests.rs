@@ -57,13 +57,15 @@ fn params() -> Params {
     }
 }
 
-fn profile(id: &str, origin: Origin) -> Profile {
-    Profile {
+fn profile(id: &str, origin: Origin) -> Definition {
+    Definition {
         id: id.into(),
-        unique_user_id: format!("user-{id}-0001"),
-        email: "a@example.com".into(),
-        first_name: None,
-        last_name: None,
+        profile: crate::profile::Profile {
+            unique_user_id: format!("user-{id}-0001"),
+            email: "a@example.com".into(),
+            first_name: None,
+            last_name: None,
+        },
         credential: Credential::None,
         origin,
     }

@@ -17,6 +17,7 @@ pub mod ledger;
 pub mod logging;
 pub mod names;
 pub mod policy;
+pub mod profile;
 pub mod sandbox;
 pub mod schedule;
 pub mod secret;

@@ -96,16 +96,9 @@ fn err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) ->
 /// config file instead).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredProfile {
-    /// The user.
-    pub unique_user_id: String,
-    /// The user's e-mail.
-    pub email: String,
-    /// Optional.
-    #[serde(default)]
-    pub first_name: Option<String>,
-    /// Optional.
-    #[serde(default)]
-    pub last_name: Option<String>,
+    /// Who the user is.
+    #[serde(flatten)]
+    pub profile: crate::profile::Profile,
     /// The app-user credential given to `AddSession`, if any.
     #[serde(default)]
     pub backend_token: Option<Secret>,

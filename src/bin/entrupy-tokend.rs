@@ -208,7 +208,7 @@ fn print_summary(location: &config::ConfigLocation, cfg: &config::Config, state_
     println!("sessions: {}", cfg.sessions.len());
     for s in &cfg.sessions {
         let cred = cfg.credential_for(s).map(|c| c.describe()).unwrap_or_else(|| "none".to_owned());
-        println!("  {} user {} <{}> credential {}", s.id, s.unique_user_id, s.email, cred);
+        println!("  {} user {} <{}> credential {}", s.id, s.profile.unique_user_id, s.profile.email, cred);
     }
     println!("OK");
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tracing::warn;
 
 use super::core::{AttemptFailure, AttemptKind, AttemptResult, Outcome, Stamp, Success};
-use super::{Credential, Profile};
+use super::{Credential, Definition};
 use crate::clock::Clock;
 use crate::config::CredentialSource;
 use crate::error::{ApiError, ErrorName};
@@ -56,8 +56,8 @@ impl Peers for http::Clients {
 pub struct Plan {
     /// Which login.
     pub kind: AttemptKind,
-    /// Who.
-    pub profile: Arc<Profile>,
+    /// Which session, for whom.
+    pub session: Arc<Definition>,
     /// The installation's device id (in every authorization request).
     pub device_id: Arc<str>,
     /// The peers.
@@ -81,7 +81,7 @@ pub type Reservation = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 /// Runs the attempt. The login request waits for `reservation`; the signing request (which
 /// costs no login) does not.
 pub async fn run(plan: Plan, reservation: Reservation) -> AttemptResult {
-    let stamp = match &plan.profile.credential {
+    let stamp = match &plan.session.credential {
         Credential::Source(src) => read_stamp(src).await,
         _ => None,
     };
@@ -110,10 +110,10 @@ async fn attempt(plan: &Plan, reservation: Reservation) -> Result<Success, Error
             if !plan.peers.has_backend() {
                 return Err(Error::NotConfigured);
             }
-            let credential = credential(&plan.profile.credential).await?;
+            let credential = credential(&plan.session.credential).await?;
             for tries in 1..=2 {
                 let auth = crate::authreq::generate(plan.clock.now(), &plan.device_id);
-                let p = &plan.profile;
+                let p = &plan.session.profile;
                 let req = SignRequest {
                     authorization_request: &auth,
                     unique_user_id: &p.unique_user_id,

@@ -1,4 +1,4 @@
-//! One session: who it is ([`Profile`]), its pure state machine ([`core`]), the login
+//! One session: how it is defined ([`Definition`]), its pure state machine ([`core`]), the login
 //! attempt the loop drives for it ([`attempt`]), what the bus reads of it ([`snapshot`]) and
 //! what is kept of it on disk ([`record`]).
 //!
@@ -14,6 +14,7 @@ pub use self::core::{Params, State};
 pub use self::snapshot::Snapshot;
 
 use crate::config::CredentialSource;
+use crate::profile::Profile;
 use crate::secret::Secret;
 
 /// Where the session's app-user credential comes from.
@@ -36,19 +37,14 @@ pub enum Origin {
     Bus,
 }
 
-/// Who a session is.
+/// A session as the loop knows it: its id, its user, its credential and where it was
+/// defined.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Profile {
+pub struct Definition {
     /// Session id.
     pub id: String,
-    /// The user.
-    pub unique_user_id: String,
-    /// E-mail.
-    pub email: String,
-    /// Optional.
-    pub first_name: Option<String>,
-    /// Optional.
-    pub last_name: Option<String>,
+    /// Who the user is.
+    pub profile: Profile,
     /// The app-user credential.
     pub credential: Credential,
     /// Where it was defined.

@@ -2,26 +2,23 @@
 //! the core keeps ([`Persisted`]), and back.
 
 use super::core::Persisted;
-use super::{Credential, Origin, Profile};
+use super::{Credential, Definition, Origin};
 use crate::error::ErrorName;
 use crate::store::{SessionRecord, StoredProfile};
 
 /// The record of a session.
-pub fn to_record(p: &Profile, s: &Persisted) -> SessionRecord {
+pub fn to_record(p: &Definition, s: &Persisted) -> SessionRecord {
     SessionRecord {
         version: crate::store::FORMAT_VERSION,
         id: p.id.clone(),
         profile: (p.origin == Origin::Bus).then(|| StoredProfile {
-            unique_user_id: p.unique_user_id.clone(),
-            email: p.email.clone(),
-            first_name: p.first_name.clone(),
-            last_name: p.last_name.clone(),
+            profile: p.profile.clone(),
             backend_token: match &p.credential {
                 Credential::Inline(s) => Some(s.clone()),
                 _ => None,
             },
         }),
-        unique_user_id: p.unique_user_id.clone(),
+        unique_user_id: p.profile.unique_user_id.clone(),
         username: s.username.clone(),
         token: s.token.clone(),
         expires_at: s.expires_at,
@@ -56,12 +53,14 @@ mod tests {
 
     #[test]
     fn a_record_round_trips_and_keeps_the_profile_of_bus_sessions_only() {
-        let mut p = Profile {
+        let mut p = Definition {
             id: "s".into(),
-            unique_user_id: "user-0001".into(),
-            email: "a@b.c".into(),
-            first_name: None,
-            last_name: None,
+            profile: crate::profile::Profile {
+                unique_user_id: "user-0001".into(),
+                email: "a@b.c".into(),
+                first_name: None,
+                last_name: None,
+            },
             credential: Credential::Inline(Secret::new("cred")),
             origin: Origin::Bus,
         };
