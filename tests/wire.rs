@@ -50,6 +50,7 @@ async fn arguments_of_the_wrong_type_or_number_answer_invalid_args() {
     assert_eq!(call_error(&env, &session, s, "LoginWithSignedRequest", &(7u32,)).await, INVALID_ARGS);
     assert_eq!(call_error(&env, names::MANAGER_PATH, m, "GetSession", &(1u32,)).await, INVALID_ARGS);
     assert_eq!(call_error(&env, names::MANAGER_PATH, m, "AddSession", &("x", "profile")).await, INVALID_ARGS);
+    assert_eq!(call_error(&env, &session, s, "NoSuchMethod", &()).await, "org.freedesktop.DBus.Error.UnknownMethod");
     // A value of the wrong type inside a{sv} deserializes; the daemon itself answers that.
     let mut profile: HashMap<&str, Variant<'_>> = HashMap::new();
     profile.insert("unique_user_id", Variant::from(12345678u32));
