@@ -49,6 +49,14 @@ pub fn no_session(session: &str) -> String {
     format!("no session {:?} (entrupy-tokenctl sessions lists them)", clean(session))
 }
 
+/// The session bus cannot be reached at all (no address, no socket, a refused handshake).
+pub fn no_bus(e: &zbus::Error) -> Failure {
+    Failure::cannot_ask(format!(
+        "cannot reach the D-Bus session bus ({}): check DBUS_SESSION_BUS_ADDRESS",
+        clean(&e.to_string())
+    ))
+}
+
 /// Explains a failed call about `session` (the session the command names).
 pub fn explain(e: &zbus::Error, session: &str) -> Failure {
     let Some((name, message)) = error_reply(e) else { return explain_local(e) };

@@ -115,13 +115,12 @@ pub async fn run(opts: Options, cmd: Command) -> i32 {
         _ => opts.session.clone(),
     };
     let result = match Connection::session().await {
-        Ok(conn) => execute(&conn, &opts, cmd).await,
-        Err(e) => Err(e),
+        Ok(conn) => execute(&conn, &opts, cmd).await.map_err(|e| failure::explain(&e, &subject)),
+        Err(e) => Err(failure::no_bus(&e)),
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            let f = failure::explain(&e, &subject);
+        Err(f) => {
             if !quiet {
                 eprintln!("entrupy-tokenctl: {}", f.message);
             }
