@@ -55,12 +55,12 @@ fn config_keys() -> Vec<(String, String)> {
             current = rest.split_whitespace().next().map(str::to_owned);
         } else if line.starts_with('}') {
             current = None;
-        } else if let (Some(s), Some(field)) = (&current, line.strip_prefix("    ")) {
-            if let Some((name, _)) = field.split_once(':') {
-                if !name.starts_with('#') && !name.starts_with('/') {
-                    keys.push((s.clone(), name.trim().to_owned()));
-                }
-            }
+        } else if let (Some(s), Some(field)) = (&current, line.strip_prefix("    "))
+            && let Some((name, _)) = field.split_once(':')
+            && !name.starts_with('#')
+            && !name.starts_with('/')
+        {
+            keys.push((s.clone(), name.trim().to_owned()));
         }
     }
     assert!(keys.len() > 20, "found too few keys in src/config.rs: {keys:?}");
