@@ -168,7 +168,11 @@ fn command(cmd: Cmd) -> Result<ctl::Command, String> {
         Cmd::Refresh => ctl::Command::Refresh,
         Cmd::Request => ctl::Command::Request,
         Cmd::Login { signed_request } if signed_request == "-" => {
-            ctl::Command::Login(ctl::read_signed_request(std::io::stdin().lock())?)
+            let stdin = std::io::stdin();
+            if std::io::IsTerminal::is_terminal(&stdin) {
+                eprintln!("entrupy-tokenctl: reading the signed request from standard input (end it with Ctrl-D)");
+            }
+            ctl::Command::Login(ctl::read_signed_request(stdin.lock())?)
         }
         Cmd::Login { signed_request } => ctl::Command::Login(signed_request),
         Cmd::Cleanup => ctl::Command::Cleanup,
