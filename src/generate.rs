@@ -42,6 +42,8 @@ pub struct DynamicValues<'a> {
     /// The arguments after the binary's name that print the candidates, one a line, and
     /// nothing on failure: `sessions --ids`.
     pub args: &'a str,
+    /// Subcommands whose positional argument takes the same values (`remove-session`).
+    pub positional_of: &'a [&'a str],
 }
 
 /// Whether the command line asks for a generator.
@@ -98,14 +100,30 @@ pub fn fix_bash(script: &str, name: &str, dynamic: &[DynamicValues<'_>]) -> Stri
     let bad = name.replace('-', "__subcmd__");
     let mut out = if good == bad { script.to_owned() } else { script.replace(&bad, &good) };
     for d in dynamic {
-        let files = format!("{})\n                    COMPREPLY=($(compgen -f \"${{cur}}\"))", d.option);
-        let values = format!(
-            "{})\n                    COMPREPLY=($(compgen -W \"$(command \"${{COMP_WORDS[0]}}\" {} 2>/dev/null)\" -- \"${{cur}}\"))",
-            d.option, d.args
+        let ask = format!(
+            "COMPREPLY=($(compgen -W \"$(command \"${{COMP_WORDS[0]}}\" {} 2>/dev/null)\" -- \"${{cur}}\"))",
+            d.args
         );
-        out = out.replace(&files, &values);
+        let files = format!("{})\n                    COMPREPLY=($(compgen -f \"${{cur}}\"))", d.option);
+        out = out.replace(&files, &format!("{})\n                    {ask}", d.option));
+        for sub in d.positional_of {
+            out = complete_positional(&out, &format!("{good}__subcmd__{}", sub.replace('-', "__subcmd__")), &ask);
+        }
     }
     out
+}
+
+/// In the case branch of `cmd_var` (a subcommand), a word that is not an option completes
+/// with `ask` (the subcommand's one positional argument) before the options are offered.
+fn complete_positional(script: &str, cmd_var: &str, ask: &str) -> String {
+    let branch = format!("\n        {cmd_var})\n");
+    let test = "            if [[ ${cur} == -* ||";
+    let Some(start) = script.find(&branch) else { return script.to_owned() };
+    let Some(at) = script[start..].find(test).map(|i| start + i) else { return script.to_owned() };
+    let inserted = format!(
+        "            if [[ ${{cur}} != -* ]] ; then\n                {ask}\n                return 0\n            fi\n"
+    );
+    format!("{}{inserted}{}", &script[..at], &script[at..])
 }
 
 fn write_man(req: &Request<'_>, name: &str, dir: &Path) -> ExitCode {

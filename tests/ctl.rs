@@ -490,6 +490,8 @@ async fn bash_completion_offers_subcommand_options_and_live_session_ids() {
             bash_complete(&bin_dir, &address, &["entrupy-tokenctl", "--session", ""]),
             bash_complete(&bin_dir, &address, &["entrupy-tokenctl", "status", "--session", "w"]),
             bash_complete(&bin_dir, &address, &["entrupy-tokenctl", "to"]),
+            bash_complete(&bin_dir, &address, &["entrupy-tokenctl", "remove-session", ""]),
+            bash_complete(&bin_dir, &address, &["entrupy-tokenctl", "remove-session", "--j"]),
         )
     })
     .await
@@ -498,4 +500,6 @@ async fn bash_completion_offers_subcommand_options_and_live_session_ids() {
     assert_eq!(got.1, ["default", "work-2"]);
     assert_eq!(got.2, ["work-2"]);
     assert_eq!(got.3, ["token"]);
+    assert_eq!(got.4, ["default", "work-2"], "remove-session's ID");
+    assert_eq!(got.5, ["--json"]);
 }

@@ -129,7 +129,11 @@ fn main() -> ExitCode {
             subcommand_pages: true,
             usage_exit: 2,
         };
-        let sessions = entrupy_tokend::generate::DynamicValues { option: "--session", args: "sessions --ids" };
+        let sessions = entrupy_tokend::generate::DynamicValues {
+            option: "--session",
+            args: "sessions --ids",
+            positional_of: &["remove-session"],
+        };
         return entrupy_tokend::generate::run_with(request, &[sessions]);
     }
     let cli = match Cli::try_parse() {
