@@ -33,6 +33,19 @@ pub struct Request<'a> {
     pub usage_exit: u8,
 }
 
+/// An option whose values the shell completion asks the binary for, instead of offering
+/// file names (bash only).
+#[derive(Debug, Clone, Copy)]
+pub struct DynamicValues<'a> {
+    /// The long option, `--session`.
+    pub option: &'a str,
+    /// The arguments after the binary's name that print the candidates, one a line, and
+    /// nothing on failure: `sessions --ids`.
+    pub args: &'a str,
+    /// Subcommands whose positional argument takes the same values (`remove-session`).
+    pub positional_of: &'a [&'a str],
+}
+
 /// Whether the command line asks for a generator.
 pub fn requested() -> bool {
     std::env::args_os().nth(1).is_some_and(|a| a.to_str().is_some_and(|a| a.starts_with("--generate-")))
@@ -40,6 +53,11 @@ pub fn requested() -> bool {
 
 /// Runs the generator the command line asks for.
 pub fn run(req: Request<'_>) -> ExitCode {
+    run_with(req, &[])
+}
+
+/// [`run`], with options whose bash completion asks the binary for the candidates.
+pub fn run_with(req: Request<'_>, dynamic: &[DynamicValues<'_>]) -> ExitCode {
     let name = req.command.get_name().to_owned();
     let flags = clap::Command::new("generate").bin_name(name.clone());
     let parsed = <Flags as clap::FromArgMatches>::from_arg_matches(&match <Flags as clap::Args>::augment_args(flags)
@@ -55,7 +73,13 @@ pub fn run(req: Request<'_>) -> ExitCode {
         Ok(Flags { generate_man: Some(dir), .. }) => write_man(&req, &name, &dir),
         Ok(Flags { generate_completions: Some(shell), .. }) => {
             let mut cmd = req.command;
-            clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, name.clone(), &mut script);
+            let mut script = String::from_utf8_lossy(&script).into_owned();
+            if shell == clap_complete::Shell::Bash {
+                script = fix_bash(&script, &name, dynamic);
+            }
+            print!("{script}");
             ExitCode::SUCCESS
         }
         Ok(_) => ExitCode::from(req.usage_exit),
@@ -64,6 +88,42 @@ pub fn run(req: Request<'_>) -> ExitCode {
             ExitCode::from(req.usage_exit)
         }
     }
+}
+
+/// Repairs clap_complete's bash script and adds the dynamic values. For a name with a dash,
+/// clap_complete sets `cmd=entrupy__tokenctl__subcmd__token` but matches
+/// `entrupy__subcmd__tokenctl__subcmd__token)`, so no subcommand's options were ever
+/// offered; the patterns are renamed to what `cmd` holds. An option in `dynamic` completes
+/// with what `BIN ARGS` prints instead of file names.
+pub fn fix_bash(script: &str, name: &str, dynamic: &[DynamicValues<'_>]) -> String {
+    let good = name.replace('-', "__");
+    let bad = name.replace('-', "__subcmd__");
+    let mut out = if good == bad { script.to_owned() } else { script.replace(&bad, &good) };
+    for d in dynamic {
+        let ask = format!(
+            "COMPREPLY=($(compgen -W \"$(command \"${{COMP_WORDS[0]}}\" {} 2>/dev/null)\" -- \"${{cur}}\"))",
+            d.args
+        );
+        let files = format!("{})\n                    COMPREPLY=($(compgen -f \"${{cur}}\"))", d.option);
+        out = out.replace(&files, &format!("{})\n                    {ask}", d.option));
+        for sub in d.positional_of {
+            out = complete_positional(&out, &format!("{good}__subcmd__{}", sub.replace('-', "__subcmd__")), &ask);
+        }
+    }
+    out
+}
+
+/// In the case branch of `cmd_var` (a subcommand), a word that is not an option completes
+/// with `ask` (the subcommand's one positional argument) before the options are offered.
+fn complete_positional(script: &str, cmd_var: &str, ask: &str) -> String {
+    let branch = format!("\n        {cmd_var})\n");
+    let test = "            if [[ ${cur} == -* ||";
+    let Some(start) = script.find(&branch) else { return script.to_owned() };
+    let Some(at) = script[start..].find(test).map(|i| start + i) else { return script.to_owned() };
+    let inserted = format!(
+        "            if [[ ${{cur}} != -* ]] ; then\n                {ask}\n                return 0\n            fi\n"
+    );
+    format!("{}{inserted}{}", &script[..at], &script[at..])
 }
 
 fn write_man(req: &Request<'_>, name: &str, dir: &Path) -> ExitCode {

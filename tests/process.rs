@@ -4,6 +4,7 @@
 //! directories; every child process is killed on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[allow(unused_imports)] // the harness re-exports more than these tests use
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
@@ -80,10 +81,6 @@ impl Proc {
         if let Some(pid) = rustix::process::Pid::from_raw(self.pid()) {
             let _ = rustix::process::kill_process(pid, sig);
         }
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.as_mut().map(|c| c.try_wait().unwrap().is_none()).unwrap_or(false)
     }
 
     /// Waits (without blocking the runtime) for the exit; kills and panics after `timeout`.
@@ -169,15 +166,6 @@ fn ok(what: &str, out: &Output) -> String {
         text(&out.stderr)
     );
     text(&out.stdout)
-}
-
-/// Asserts a failure reported as exactly one line on stderr.
-fn one_line_error(what: &str, out: &Output) -> String {
-    assert!(!out.status.success(), "{what} should fail; stdout:\n{}", text(&out.stdout));
-    let err = text(&out.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "{what}: one line on stderr, got:\n{err}");
-    assert!(!err.trim().is_empty());
-    err
 }
 
 async fn session_ids(env: &Env) -> Vec<String> {
@@ -596,190 +584,7 @@ async fn a_reload_with_a_broken_config_keeps_the_old_one() {
 }
 
 // ---------------------------------------------------------------------------------------
-// entrupy-tokenctl
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokenctl_reads_and_refreshes_a_live_session() {
-    let (env, d) = live(300).await;
-    let s = env.session("default").await;
-
-    let out = ok("status", &ctl(&env, &["status"]).await);
-    assert!(out.starts_with("default: valid"), "{out}");
-    assert!(out.contains("expires in"), "{out}");
-    assert!(out.contains("next refresh"), "{out}");
-    let v: serde_json::Value =
-        serde_json::from_str(&ok("status --json", &ctl(&env, &["--json", "status"]).await)).unwrap();
-    assert_eq!(v["state"], "valid");
-    assert_eq!(v["valid"], true);
-    assert_eq!(v["expires_at"].as_u64().unwrap(), s.expires_at().await.unwrap());
-    assert_eq!(v["unique_user_id"], "user-0001-abcd");
-
-    let out = ctl(&env, &["is-valid"]).await;
-    assert_eq!(out.status.code(), Some(0));
-    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "is-valid prints nothing");
-
-    let (token, exp) = s.get_token().await.unwrap();
-    let out = ok("token", &ctl(&env, &["token"]).await);
-    assert_eq!(out.trim(), token);
-    let v: serde_json::Value =
-        serde_json::from_str(&ok("token --json", &ctl(&env, &["token", "--json"]).await)).unwrap();
-    assert_eq!(v["token"], token.as_str());
-    assert_eq!(v["expires_at"].as_u64().unwrap(), exp);
-
-    // Enough time left: no login.
-    let out = ok("token --min-valid 60", &ctl(&env, &["token", "--min-valid", "60"]).await);
-    assert_eq!(out.trim(), token);
-    assert_eq!(env.sim.counters().login_ok, 1);
-    // More than any token covers: one refresh, the fresh token as it is.
-    let out = ok("token --min-valid 3600", &ctl(&env, &["token", "--min-valid", "3600"]).await);
-    assert_ne!(out.trim(), token);
-    assert!(env.sim.token_is_valid(out.trim()));
-    assert_eq!(env.sim.counters().login_ok, 2);
-
-    let out = ok("refresh", &ctl(&env, &["refresh"]).await);
-    assert!(out.contains("refreshed"), "{out}");
-    assert_eq!(env.sim.counters().login_ok, 3);
-    let v: serde_json::Value =
-        serde_json::from_str(&ok("refresh --json", &ctl(&env, &["--json", "refresh"]).await)).unwrap();
-    assert_eq!(v["expires_at"].as_u64().unwrap(), s.expires_at().await.unwrap());
-    assert_eq!(env.sim.counters().login_ok, 4);
-
-    let out = ok("request", &ctl(&env, &["request"]).await);
-    let req = entrupy_sim::decode_authorization_request(out.trim()).unwrap();
-    let _ = req;
-    let v: serde_json::Value =
-        serde_json::from_str(&ok("request --json", &ctl(&env, &["--json", "request"]).await)).unwrap();
-    assert!(entrupy_sim::decode_authorization_request(v["sdk_authorization_request"].as_str().unwrap()).is_ok());
-
-    // login with a request the simulator signs directly.
-    let signed = env.sim.sign_directly(out.trim(), "user-0001-abcd", "user@example.com");
-    let out = ok("login", &ctl(&env, &["login", &signed]).await);
-    assert!(out.contains("logged in"), "{out}");
-    assert_eq!(env.sim.counters().login_ok, 5);
-
-    // A failed refresh: one line naming the error, the old token still served.
-    env.sim.push_fault(Endpoint::Login, Fault::Status { status: 503, body: None, retry_after: None }, 1);
-    let err = one_line_error("refresh against a 503", &ctl(&env, &["refresh"]).await);
-    assert!(err.contains("ServerError"), "{err}");
-    assert_eq!(ctl(&env, &["is-valid"]).await.status.code(), Some(0));
-
-    // cleanup: not valid any more.
-    ok("cleanup", &ctl(&env, &["cleanup"]).await);
-    let out = ctl(&env, &["is-valid"]).await;
-    assert_eq!(out.status.code(), Some(1), "not valid after cleanup");
-    assert!(out.stderr.is_empty());
-    let out = ok("status", &ctl(&env, &["status"]).await);
-    assert!(out.starts_with("default: logged-out"), "{out}");
-    let err = one_line_error("token after cleanup", &ctl(&env, &["token"]).await);
-    assert!(err.contains("NotAuthorized"), "{err}");
-    assert!(!err.contains(&token), "no secret in errors");
-    assert_no_panic("entrupy-tokend", &d.log.text());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokenctl_manages_sessions_and_reports_errors_in_one_line() {
-    let (env, _d) = live(300).await;
-    let out = ok("sessions", &ctl(&env, &["sessions"]).await);
-    assert!(out.lines().any(|l| l.starts_with("default\tvalid")), "{out}");
-
-    let out = ctl(
-        &env,
-        &["add-session", "work-2", "--user-id", "user-0002-abcd", "--email", "w@example.com", "--first-name", "Ada"],
-    )
-    .await;
-    assert_eq!(ok("add-session", &out).trim(), names::session_path("work-2"));
-    wait_state(&env, "work-2", "valid").await;
-    let v: serde_json::Value =
-        serde_json::from_str(&ok("sessions --json", &ctl(&env, &["sessions", "--json"]).await)).unwrap();
-    let ids: Vec<&str> = v.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, vec!["default", "work-2"], "{v}");
-    assert_eq!(v[1]["path"], names::session_path("work-2"));
-    let out = ok("status --session work-2", &ctl(&env, &["--session", "work-2", "status"]).await);
-    assert!(out.starts_with("work-2: valid"), "{out}");
-
-    let err = one_line_error(
-        "duplicate add-session",
-        &ctl(&env, &["add-session", "work-2", "--user-id", "user-0002-abcd", "--email", "w@example.com"]).await,
-    );
-    assert!(err.contains("AlreadyExists"), "{err}");
-    let err = one_line_error(
-        "bad add-session",
-        &ctl(&env, &["add-session", "Bad Id!", "--user-id", "user-0002-abcd", "--email", "w@example.com"]).await,
-    );
-    assert!(err.contains("InvalidArgument"), "{err}");
-
-    ok("remove-session", &ctl(&env, &["remove-session", "work-2"]).await);
-    assert_eq!(session_ids(&env).await, vec![names::session_path("default")]);
-    let err = one_line_error("remove-session again", &ctl(&env, &["remove-session", "work-2"]).await);
-    assert!(err.contains("NoSuchSession"), "{err}");
-    one_line_error("status of a missing session", &ctl(&env, &["--session", "nope", "status"]).await);
-    let out = ctl(&env, &["--session", "nope", "is-valid"]).await;
-    assert_eq!(out.status.code(), Some(2), "is-valid cannot ask about a missing session");
-    // A usage error is not a panic either.
-    let out = ctl(&env, &["token", "--min-valid", "soon"]).await;
-    assert!(!out.status.success());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokenctl_without_a_daemon() {
-    let env = Env::with_lifetime(Duration::from_secs(60)).await;
-    // A bus, but nobody owns the name.
-    let out = ctl(&env, &["is-valid"]).await;
-    assert_eq!(out.status.code(), Some(2));
-    let err = one_line_error("is-valid", &out);
-    assert!(err.contains("not running"), "{err}");
-    let out = ctl(&env, &["status"]).await;
-    assert_eq!(out.status.code(), Some(1));
-    one_line_error("status", &out);
-    // No bus at all.
-    let nobus = format!("unix:path={}", env.path("no-such-dir/bus").display());
-    let out = ctl_at(&nobus, &["is-valid"]).await;
-    assert_eq!(out.status.code(), Some(2));
-    one_line_error("is-valid without a bus", &out);
-    let out = ctl_at(&nobus, &["sessions"]).await;
-    one_line_error("sessions without a bus", &out);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokenctl_watch_prints_a_refresh() {
-    let (env, _d) = live(300).await;
-    for json in [false, true] {
-        let mut cmd = Command::new(TOKENCTL);
-        if json {
-            cmd.arg("--json");
-        }
-        cmd.arg("watch").env("DBUS_SESSION_BUS_ADDRESS", &env.bus.address);
-        let mut w = Proc::spawn(cmd);
-        // The first line (the current state) comes after the subscription.
-        let started = eventually(T, || {
-            let t = w.stdout.text();
-            async move { !t.is_empty() }
-        })
-        .await;
-        assert!(started, "watch printed its first line; stderr:\n{}", w.stderr.text());
-        ok("refresh", &ctl(&env, &["refresh"]).await);
-        let seen = eventually(T, || {
-            let t = w.stdout.text();
-            async move { t.contains("LoginSucceeded") && t.contains("refreshing") }
-        })
-        .await;
-        let out = w.stdout.text();
-        assert!(seen, "watch shows the refresh:\n{out}\nstderr:\n{}", w.stderr.text());
-        if json {
-            for line in out.lines() {
-                let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
-                assert!(v["event"].is_string(), "{line}");
-            }
-        } else {
-            assert!(out.lines().next().unwrap().starts_with("default: State = valid"), "{out}");
-            assert!(out.contains("default: LoginSucceeded("), "{out}");
-        }
-        assert!(w.running(), "watch keeps running");
-        w.signal(Signal::TERM);
-        w.wait(T).await;
-        assert_no_panic("watch", &w.stderr.text());
-    }
-}
+// entrupy-tokenctl: its tests are in tests/ctl.rs
 
 // ---------------------------------------------------------------------------------------
 // clients we did not write

@@ -11,10 +11,39 @@ use anyhow::Context as _;
 use clap::Parser;
 use entrupy_sim::{SimConfig, Simulator};
 
+/// How to inject faults, for `--help` (what `control.rs` accepts).
+const FAULTS: &str = r#"Endpoints:
+  POST {api_url}/login   Entrupy's login (SPEC 4.2)
+  POST {api_url}/sign    the app backend's signing (SPEC 4.1); backend_url points here
+
+Fault injection, over HTTP on the same port (control requests are neither logged nor counted):
+  POST /_sim/fault   queue a fault for the next requests to one endpoint, a JSON object:
+      "endpoint": "login" | "sign"     (required)
+      "count": N                       how many requests suffer it (default 1); faults queue
+                                       per endpoint and apply in order
+      and either an HTTP status:
+      "status": 503, "retry_after": "5", "body": "{...}"   (retry_after and body optional)
+      or "kind":
+        "hang"       never answer (until the client gives up)
+        "drop"       close the connection without an answer
+        "malformed"  a 200 whose body is not JSON
+        "oversized"  a 200 of about "bytes" bytes, chunked
+        "trickle"    a "total"-byte body at "bytes_per_sec"
+        "delay"      wait "ms" milliseconds, then answer normally
+        "redirect"   a redirect to "location" ("status", default 302)
+        "status"     as with "status" above
+  POST /_sim/clear   drop every pending fault
+  POST /_sim/pause   {"paused": true|false}: hold requests until released
+  GET  /_sim/stats   the counters, the pending faults per endpoint, and whether paused
+
+Example:
+  curl -s -d '{"endpoint":"login","status":503,"count":2,"retry_after":"5"}' "$api_url/_sim/fault"
+  curl -s -d '{"endpoint":"sign","kind":"hang"}' "$api_url/_sim/fault""#;
+
 /// Simulator of Entrupy's login API and of an app backend that signs SDK authorization
 /// requests.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, after_help = FAULTS)]
 struct Args {
     /// Port on 127.0.0.1 (0 picks a free one).
     #[arg(long, default_value_t = 0)]
