@@ -91,6 +91,27 @@ impl Tokend {
         }
     }
 
+    /// SIGTERM, then the time until the process has exited (polled every millisecond);
+    /// `None` when it had to be killed.
+    pub fn stop_timed(&mut self) -> Option<Duration> {
+        let mut c = self.child.take()?;
+        let pid = rustix::process::Pid::from_raw(self.pid as i32)?;
+        let t0 = Instant::now();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).ok()?;
+        let deadline = t0 + Duration::from_secs(20);
+        loop {
+            match c.try_wait() {
+                Ok(Some(_)) => return Some(t0.elapsed()),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+                _ => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return None;
+                }
+            }
+        }
+    }
+
     /// The last lines of the daemon's log, for error messages.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
