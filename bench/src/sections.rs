@@ -216,7 +216,7 @@ pub async fn latency(s: &Settings, rep: &mut Report) -> Result<()> {
             "p50 <= 1.10, p99 <= 1.30",
             format!("p50 {p50:.2}, p99 {p99:.2}"),
             Some(p50 <= 1.10 && p99 <= 1.30),
-            &format!("/work/shared/tools/dbus-limits `target` on the same daemon and bus, {} pairs", s.calls),
+            &format!("the shared tool dbus-limits `target` on the same daemon and bus, {} pairs", s.calls),
         );
     }
     d.stop();
@@ -512,7 +512,7 @@ pub async fn idle(s: &Settings, rep: &mut Report) -> Result<()> {
             "<= 3, < 1 ms",
             format!("{w:.2} wakeups/min, {cpu:.3} ms/min"),
             Some(w <= 3.0 && cpu < 1.0),
-            "/work/shared/tools/dbus-limits `idle --pid` over the same window",
+            "the shared tool dbus-limits `idle --pid` over the same window",
         );
     }
     d.stop();
