@@ -69,7 +69,7 @@ pub fn params(c: &Config) -> Params {
         backoff_initial: c.refresh.backoff_initial.as_secs_f64(),
         backoff_max: c.refresh.backoff_max.as_secs_f64(),
         budget: Budget { per_minute: c.rate_limit.logins_per_minute, per_day },
-        reserved_for_refresh: per_day / 10,
+        reserved_for_refresh: c.rate_limit.reserved_for_refresh,
         pace: c.rate_limit.pace,
     }
 }

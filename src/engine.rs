@@ -398,6 +398,8 @@ impl Engine {
     fn step(&mut self, id: &Arc<str>, input: Input) {
         let now = self.clock.now();
         let Some(slot) = self.sessions.get_mut(id) else { return };
+        // Every line the core logs names its session.
+        let _span = tracing::info_span!("session", session = %id).entered();
         let mut cx = Ctx { now, u: rand::random(), ledger: &mut self.ledger };
         let effects = slot.core.step(input, &mut cx);
         let mut reservation: Option<Reservation> = None;

@@ -64,7 +64,20 @@ pub fn init(level: &str) {
     }
     let under_systemd = std::env::var_os("INVOCATION_ID").is_some() || std::env::var_os("JOURNAL_STREAM").is_some();
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
+    let fields = tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            write!(w, "{text}")
+        } else {
+            write!(w, "{}={}", field.name(), quoted(&text))
+        }
+    })
+    .delimited(" ");
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .fmt_fields(fields);
     if under_systemd {
         let _ = tracing_subscriber::registry().with(filter).with(fmt.without_time()).try_init();
     } else {
@@ -72,11 +85,28 @@ pub fn init(level: &str) {
     }
 }
 
-/// The filter for `spec`. zbus opens an INFO-level span for every incoming method call
-/// (`ObjectServer::dispatch_call`), and the subscriber formats its fields (the whole message,
-/// with `Debug`) each time: about 15% of the bus throughput (`scripts/bench --only
-/// throughput`, perf). Its INFO output tells an admin nothing, so zbus is held to warnings
-/// unless the filter names it.
+/// A field's value as a log line shows it, the same way whether it was recorded with
+/// `Display` or `Debug`: bare when it is one word (`session=default`), quoted when it is
+/// empty or holds a space, a quote or an `=` (`error="connection refused"`).
+pub fn quoted(text: &str) -> String {
+    // A string recorded with `Debug` comes quoted; take it back to its text when it has no
+    // escape in it.
+    let raw = match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) if !inner.contains(['\\', '"']) => inner,
+        Some(_) => return text.to_owned(),
+        None => text,
+    };
+    if raw.is_empty() || raw.contains(|c: char| c.is_whitespace() || c == '"' || c == '=') {
+        format!("{raw:?}")
+    } else {
+        raw.to_owned()
+    }
+}
+
+/// The filter for `spec`. zbus is built without its `tracing` feature, so it logs nothing;
+/// should a dependency ever turn the feature on, its per-call INFO span (which formatted
+/// every incoming message, about 15% of the bus throughput when it was on) stays held to
+/// warnings unless the filter names zbus.
 fn filter(spec: &str) -> EnvFilter {
     let filter = EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("info"));
     if spec.contains("zbus") {
@@ -115,5 +145,16 @@ mod tests {
         assert_eq!(directives("debug,entrupy_tokend=trace"), ["debug", "entrupy_tokend=trace", "zbus=warn"]);
         assert_eq!(directives("info,zbus=trace"), ["info", "zbus=trace"]);
         assert_eq!(directives("entrupy_tokend=loud"), ["info", "zbus=warn"]);
+    }
+
+    #[test]
+    fn values_are_quoted_the_same_way_however_they_were_recorded() {
+        assert_eq!(quoted("default"), "default");
+        assert_eq!(quoted("\"carol\""), "carol");
+        assert_eq!(quoted("connection refused"), "\"connection refused\"");
+        assert_eq!(quoted("\"connection refused\""), "\"connection refused\"");
+        assert_eq!(quoted(""), "\"\"");
+        assert_eq!(quoted("a=b"), "\"a=b\"");
+        assert_eq!(quoted("\"say \\\"hi\\\"\""), "\"say \\\"hi\\\"\"");
     }
 }
