@@ -28,16 +28,23 @@ use crate::session::{Credential, Definition, Origin, Snapshot};
 /// Longest string accepted from a D-Bus caller (a signed request can be long; 64 KiB).
 pub const MAX_ARG_BYTES: usize = 64 * 1024;
 
-/// Decides whether a caller may use the methods: only the daemon's own Unix user, and for
-/// `GetToken`/`EnsureValid` only the allowed executables when an allow-list is configured.
+/// The methods that return a token or change which token a session holds: with an allow-list
+/// (`[access] token_executables`), only the listed executables may call them.
+pub const TOKEN_METHODS: [&str; 5] = ["GetToken", "EnsureValid", "LoginWithSignedRequest", "Refresh", "Cleanup"];
+
+/// Decides whether a caller may use the methods: only the daemon's own Unix user, and for the
+/// [`TOKEN_METHODS`] only the allowed executables when an allow-list is configured.
+///
+/// The executable is looked up again on every such call, never cached per unique name: a
+/// connection outlives an `exec` (a program may connect, then exec another, or hand the
+/// connection to a child that does).
 #[derive(Debug)]
 pub struct Access {
     /// The daemon's effective uid.
     my_uid: u32,
-    /// Unique bus name → uid; unique names are never reused, so entries stay true.
+    /// Unique bus name → uid; unique names are never reused and a connection's uid is fixed
+    /// when it connects, so entries stay true.
     cache: Mutex<HashMap<String, u32>>,
-    /// Unique bus name → the caller's executable, for the allow-list.
-    exes: Mutex<HashMap<String, Option<std::path::PathBuf>>>,
     /// `[access] token_executables`; `None` lets any program of the user read tokens.
     token_executables: std::sync::RwLock<Option<Vec<std::path::PathBuf>>>,
 }
@@ -47,13 +54,44 @@ pub fn caller_allowed(caller_uid: u32, my_uid: u32) -> bool {
     caller_uid == my_uid
 }
 
+/// Whether `member` is one of the [`TOKEN_METHODS`].
+pub fn is_token_method(member: &str) -> bool {
+    TOKEN_METHODS.contains(&member)
+}
+
+/// The executable of the process behind `pidfd` (a pidfd such as the bus's `ProcessFD`).
+/// The pid the pidfd refers to is read before and after the `/proc/PID/exe` link: a pidfd
+/// keeps its pid number from being reused until the process is reaped, so while the pidfd
+/// still shows the same live pid afterwards, the link read was that process's.
+pub fn exe_of_pidfd(pidfd: &impl std::os::fd::AsRawFd) -> std::io::Result<std::path::PathBuf> {
+    let pid = pid_of_pidfd(pidfd)?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    if pid_of_pidfd(pidfd)? != pid {
+        return Err(std::io::Error::other("the process exited while its executable was read"));
+    }
+    Ok(exe)
+}
+
+/// The pid a pidfd refers to, from the `Pid:` line of `/proc/self/fdinfo/FD`; an error when
+/// the process is gone (the kernel shows -1) or the descriptor is not a pidfd.
+fn pid_of_pidfd(pidfd: &impl std::os::fd::AsRawFd) -> std::io::Result<u32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))?;
+    let pid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .ok_or_else(|| std::io::Error::other("not a pidfd"))?
+        .trim()
+        .parse::<i64>()
+        .map_err(std::io::Error::other)?;
+    u32::try_from(pid).ok().filter(|p| *p > 0).ok_or_else(|| std::io::Error::other("the process is gone"))
+}
+
 impl Access {
     /// For the current process's user.
     pub fn new() -> Self {
         Access {
             my_uid: rustix::process::geteuid().as_raw(),
             cache: Mutex::new(HashMap::new()),
-            exes: Mutex::new(HashMap::new()),
             token_executables: std::sync::RwLock::new(None),
         }
     }
@@ -63,37 +101,55 @@ impl Access {
         *self.token_executables.write().unwrap_or_else(|e| e.into_inner()) = list;
     }
 
-    /// [`Access::check`], plus the allow-list for methods that hand out tokens.
+    /// [`Access::check_user`], plus the allow-list whatever the method.
     pub async fn check_token(&self, conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> {
-        self.check(conn, hdr).await?;
+        self.check_user(conn, hdr).await?;
+        self.check_executable(conn, hdr).await
+    }
+
+    /// The check for every method: [`Access::check_user`], plus the allow-list when the
+    /// called member is one of the [`TOKEN_METHODS`]. Keyed on the message's own member, so
+    /// no method can be given the weaker check by mistake.
+    pub async fn check(&self, conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> {
+        self.check_user(conn, hdr).await?;
+        if hdr.member().is_some_and(|m| is_token_method(m.as_str())) {
+            self.check_executable(conn, hdr).await?;
+        }
+        Ok(())
+    }
+
+    /// Checks the caller's executable against the allow-list, asking the bus afresh. With the
+    /// bus's `ProcessFD` (dbus-broker; dbus-daemon from the 1.15 series) a reused pid cannot
+    /// pass; without it, the `ProcessID` is used.
+    async fn check_executable(&self, conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> {
         let allowed = self.token_executables.read().unwrap_or_else(|e| e.into_inner()).clone();
         let (Some(allowed), Some(sender)) = (allowed, hdr.sender()) else { return Ok(()) };
-        let cached = self.exes.lock().unwrap_or_else(|e| e.into_inner()).get(sender.as_str()).cloned();
-        let exe = match cached {
-            Some(e) => e,
-            None => {
-                let proxy = zbus::fdo::DBusProxy::new(conn).await?;
-                let pid = proxy.get_connection_unix_process_id(zbus::names::BusName::Unique(sender.clone())).await.ok();
-                let exe = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok());
-                let mut exes = self.exes.lock().unwrap_or_else(|e| e.into_inner());
-                if exes.len() > 4096 {
-                    exes.clear();
-                }
-                exes.insert(sender.to_string(), exe.clone());
-                exe
-            }
+        let unknown = || Error::AccessDenied("cannot determine the caller's executable".into());
+        let proxy = zbus::fdo::DBusProxy::new(conn).await?;
+        let creds = proxy
+            .get_connection_credentials(zbus::names::BusName::Unique(sender.clone()))
+            .await
+            .map_err(|_| unknown())?;
+        let pid = creds.process_id();
+        let exe = match creds.into_process_fd() {
+            Some(fd) => exe_of_pidfd(&fd),
+            None => match pid {
+                Some(p) => std::fs::read_link(format!("/proc/{p}/exe")),
+                None => Err(std::io::Error::other("no process id")),
+            },
         };
-        match exe {
-            Some(e) if allowed.iter().any(|a| a == &e) => Ok(()),
-            Some(e) => {
-                Err(Error::AccessDenied(format!("{} may not read tokens ([access] token_executables)", e.display())))
-            }
-            None => Err(Error::AccessDenied("cannot determine the caller's executable".into())),
+        let exe = exe.map_err(|_| unknown())?;
+        if allowed.iter().any(|a| a == &exe) {
+            Ok(())
+        } else {
+            let member = hdr.member().map(|m| m.to_string()).unwrap_or_default();
+            Err(Error::AccessDenied(format!("{} may not call {member} ([access] token_executables)", exe.display())))
         }
     }
 
-    /// Checks the sender of `hdr`, asking the bus for its uid once per connection.
-    pub async fn check(&self, conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> {
+    /// Checks that the sender of `hdr` runs as the daemon's user, asking the bus for its uid
+    /// once per connection.
+    pub async fn check_user(&self, conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> {
         let Some(sender) = hdr.sender() else {
             // A peer-to-peer connection has no sender; there is no bus to ask.
             return Ok(());
@@ -251,6 +307,12 @@ pub fn parse_profile(id: &str, profile: &HashMap<String, OwnedVariant>) -> Resul
         return Err(invalid("backend_token must be non-empty, without spaces or control characters"));
     }
     Ok((parsed, backend_token))
+}
+
+/// Checks `LoginWithSignedRequest`'s argument as a peer's string (SPEC 4): 1 to 8192 bytes of
+/// visible ASCII. The message says what is wrong, never what the argument holds (a secret).
+pub fn check_signed_request(signed_request: &str) -> Result<(), Error> {
+    crate::http::check_opaque(signed_request).map_err(|why| invalid(format!("the signed request {why}")))
 }
 
 /// `com.entrupy.TokenDaemon1.Manager` at `/com/entrupy/TokenDaemon1`.
@@ -486,12 +548,7 @@ impl SessionObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<u64, Error> {
         self.ctx.access.check(conn, &hdr).await?;
-        if signed_request.is_empty() {
-            return Err(invalid("the signed request is empty"));
-        }
-        if signed_request.len() > MAX_ARG_BYTES {
-            return Err(invalid(format!("the signed request is longer than {MAX_ARG_BYTES} bytes")));
-        }
+        check_signed_request(signed_request)?;
         let s = Secret::new(signed_request);
         self.expiry_call(|tx| Call::LoginSigned(s, tx)).await
     }
@@ -782,6 +839,8 @@ pub fn no_such_session(id: &str) -> ApiError {
 
 #[cfg(test)]
 mod tests {
+    use proptest::strategy::Strategy;
+
     use super::*;
 
     fn v(s: &str) -> OwnedVariant {
@@ -812,6 +871,68 @@ mod tests {
                 Err(other) => proptest::prop_assert!(false, "unexpected error {other:?}"),
             }
         }
+    }
+
+    proptest::proptest! {
+        /// `LoginWithSignedRequest` takes 1 to 8192 bytes of visible ASCII and nothing else;
+        /// a refusal is `InvalidArgument` and never quotes the argument.
+        #[test]
+        fn signed_requests_are_visible_ascii_of_1_to_8192_bytes(
+            s in proptest::prop_oneof![
+                "[!-~]{0,40}",
+                "[!-~]{8180,8200}",
+                "\\PC{0,40}",
+                proptest::collection::vec(proptest::num::u8::ANY, 0..40)
+                    .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+            ]
+        ) {
+            let ok = (1..=8192).contains(&s.len()) && s.bytes().all(|b| (0x21..=0x7e).contains(&b));
+            match check_signed_request(&s) {
+                Ok(()) => proptest::prop_assert!(ok),
+                Err(Error::InvalidArgument(m)) => {
+                    proptest::prop_assert!(!ok);
+                    proptest::prop_assert!(s.len() < 4 || !m.contains(s.as_str()), "{m:?} quotes the argument");
+                }
+                Err(other) => proptest::prop_assert!(false, "unexpected error {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn signed_request_edges() {
+        assert!(check_signed_request("a").is_ok());
+        assert!(check_signed_request(&"~".repeat(8192)).is_ok());
+        for bad in ["", " ", "a b", "tab\tx", "caf\u{e9}", "nul\0x", "del\u{7f}"] {
+            assert!(matches!(check_signed_request(bad), Err(Error::InvalidArgument(_))), "{bad:?}");
+        }
+        let long = "x".repeat(8193);
+        assert!(matches!(check_signed_request(&long), Err(Error::InvalidArgument(m)) if !m.contains("xxxx")));
+    }
+
+    #[test]
+    fn the_allow_list_guards_every_method_that_returns_or_changes_a_token() {
+        for m in ["GetToken", "EnsureValid", "LoginWithSignedRequest", "Refresh", "Cleanup"] {
+            assert!(is_token_method(m), "{m}");
+        }
+        for m in ["IsAuthorizationValid", "GenerateAuthorizationRequest", "ListSessions", "Get", "GetAll"] {
+            assert!(!is_token_method(m), "{m}");
+        }
+    }
+
+    #[test]
+    fn a_pidfd_gives_the_executable_only_while_its_process_lives() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).unwrap();
+        let want = std::fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
+        assert_eq!(exe_of_pidfd(&fd).unwrap(), want);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Reaped: the pid may be reused now, and the pidfd says so.
+        assert!(exe_of_pidfd(&fd).is_err());
+        // A descriptor that is not a pidfd is refused.
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        assert!(exe_of_pidfd(&file).is_err());
     }
 
     #[test]

@@ -85,6 +85,8 @@ async fn resume_from_suspend_refreshes_within_two_seconds() {
     // New tokens must outlive the shifted clock.
     env.sim.set_token_lifetime(Duration::from_secs(600));
     let logind = system.connect().await;
+    // Only the owner of logind's name is heard.
+    logind.request_name(entrupy_tokend::watch::LOGIND).await.unwrap();
     let t0 = Instant::now();
     logind
         .emit_signal(
@@ -135,6 +137,8 @@ async fn network_return_ends_a_backoff_wait() {
     assert!(long_wait, "the session never waited out a long backoff");
     env.sim.clear_faults();
     let nm = system.connect().await;
+    // Only the owner of NetworkManager's name is heard.
+    nm.request_name(entrupy_tokend::watch::NETWORK_MANAGER).await.unwrap();
     let t0 = Instant::now();
     nm.emit_signal(
         None::<()>,
