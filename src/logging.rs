@@ -66,11 +66,7 @@ pub fn init(level: &str) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fields = tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
         let text = format!("{value:?}");
-        if field.name() == "message" {
-            write!(w, "{text}")
-        } else {
-            write!(w, "{}={}", field.name(), quoted(&text))
-        }
+        if field.name() == "message" { write!(w, "{text}") } else { write!(w, "{}={}", field.name(), quoted(&text)) }
     })
     .delimited(" ");
     let fmt = tracing_subscriber::fmt::layer()

@@ -368,18 +368,7 @@ pub fn confine(plan: &Plan) -> Result<Status, SandboxError> {
     }
 
     let restricted = ruleset.restrict_self()?;
-    let (abi, reason) = match restricted.landlock {
-        LandlockStatus::Available { effective_abi, kernel_abi } => {
-            (kernel_abi.and_then(|v| u32::try_from(v).ok()).unwrap_or_else(|| abi_number(effective_abi)), None)
-        }
-        LandlockStatus::NotEnabled => (0, Some("Landlock is built into the kernel but not enabled at boot")),
-        LandlockStatus::NotImplemented => (
-            0,
-            Some(
-                "the kernel has no Landlock, or a seccomp filter (systemd's SystemCallFilter=) blocks its system calls",
-            ),
-        ),
-    };
+    let (abi, reason) = kernel_abi(&restricted.landlock);
     let enforcement = match restricted.ruleset {
         RulesetStatus::FullyEnforced => Enforcement::Full,
         RulesetStatus::PartiallyEnforced => Enforcement::Partial,
@@ -395,6 +384,22 @@ pub fn confine(plan: &Plan) -> Result<Status, SandboxError> {
         reason: if enforced { None } else { reason.or(Some("Landlock could not enforce any of the rules")) },
         applied: if enforced { applied } else { Applied::default() },
     })
+}
+
+/// The kernel's Landlock ABI, or why there is none.
+fn kernel_abi(status: &LandlockStatus) -> (u32, Option<&'static str>) {
+    match *status {
+        LandlockStatus::Available { effective_abi, kernel_abi } => {
+            (kernel_abi.and_then(|v| u32::try_from(v).ok()).unwrap_or_else(|| abi_number(effective_abi)), None)
+        }
+        LandlockStatus::NotEnabled => (0, Some("Landlock is built into the kernel but not enabled at boot")),
+        LandlockStatus::NotImplemented => (
+            0,
+            Some(
+                "the kernel has no Landlock, or a seccomp filter (systemd's SystemCallFilter=) blocks its system calls",
+            ),
+        ),
+    }
 }
 
 /// Marks the process non-dumpable (`prctl(PR_SET_DUMPABLE, 0)`): no core file holds a token,

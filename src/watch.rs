@@ -121,11 +121,11 @@ async fn owner_of(dbus: &zbus::fdo::DBusProxy<'_>, name: &'static str) -> Option
     dbus.get_name_owner(name).await.ok().map(|u| u.to_string())
 }
 
-/// Watches logind and NetworkManager on the system bus until `tx` closes. Without a system
-/// bus it returns at once (logged at debug level): nothing breaks.
-pub async fn system_bus(which: SystemBus, tx: mpsc::UnboundedSender<Outside>) {
-    let builder = match &which {
-        SystemBus::Off => return,
+/// Connects to the system bus and subscribes to the owner changes of logind and
+/// NetworkManager and to their signals, in that order; `None` without a system bus.
+async fn subscribe(which: &SystemBus) -> Option<(zbus::Connection, [zbus::MessageStream; 4])> {
+    let builder = match which {
+        SystemBus::Off => return None,
         SystemBus::Default => zbus::connection::Builder::system(),
         SystemBus::Address(a) => zbus::connection::Builder::address(a.as_str()),
     };
@@ -133,7 +133,7 @@ pub async fn system_bus(which: SystemBus, tx: mpsc::UnboundedSender<Outside>) {
         Ok(c) => c,
         Err(e) => {
             debug!(error = %e, "no system bus: resume and network changes are caught by the sweep only");
-            return;
+            return None;
         }
     };
     // `sender` makes the bus deliver only the owner's broadcasts (defence in depth: it
@@ -164,14 +164,21 @@ pub async fn system_bus(which: SystemBus, tx: mpsc::UnboundedSender<Outside>) {
         signal(LOGIND, "org.freedesktop.login1.Manager", "PrepareForSleep", "/org/freedesktop/login1"),
         signal(NETWORK_MANAGER, "org.freedesktop.NetworkManager", "StateChanged", "/org/freedesktop/NetworkManager"),
     );
-    let (Ok(logind_owner), Ok(nm_owner), Ok(sleep), Ok(nm)) = rules else { return };
+    let (Ok(logind_owner), Ok(nm_owner), Ok(sleep), Ok(nm)) = rules else { return None };
     let subscribe = |rule| zbus::MessageStream::for_match_rule(rule, &conn, QUEUE);
     let streams =
         (subscribe(logind_owner).await, subscribe(nm_owner).await, subscribe(sleep).await, subscribe(nm).await);
-    let (Ok(mut logind_owner), Ok(mut nm_owner), Ok(mut sleep), Ok(mut nm)) = streams else {
+    let (Ok(logind_owner), Ok(nm_owner), Ok(sleep), Ok(nm)) = streams else {
         debug!("cannot subscribe to logind or NetworkManager signals");
-        return;
+        return None;
     };
+    Some((conn, [logind_owner, nm_owner, sleep, nm]))
+}
+
+/// Watches logind and NetworkManager on the system bus until `tx` closes. Without a system
+/// bus it returns at once (logged at debug level): nothing breaks.
+pub async fn system_bus(which: SystemBus, tx: mpsc::UnboundedSender<Outside>) {
+    let Some((conn, [mut logind_owner, mut nm_owner, mut sleep, mut nm])) = subscribe(&which).await else { return };
     // Subscribed first, asked second: a change in between is in the streams, and applying it
     // after the answer ends at the same owner.
     let Ok(dbus) = zbus::fdo::DBusProxy::new(&conn).await else { return };
