@@ -7,13 +7,12 @@
 #[allow(unused_imports)] // the harness re-exports more than these tests use
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::time::Duration;
 
+use common::proc::*;
 use common::*;
 use entrupy_tokend::names;
 use rustix::process::Signal;
@@ -23,95 +22,6 @@ const RUST_LOG: &str = "debug,zbus=info,hyper=info,reqwest=info,rustls=info,h2=i
 
 // ---------------------------------------------------------------------------------------
 // helpers
-
-/// Panics when a child's stderr shows a panic.
-fn assert_no_panic(what: &str, stderr: &str) {
-    assert!(!stderr.contains("panicked at") && !stderr.contains("RUST_BACKTRACE"), "{what} panicked:\n{stderr}");
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// A shared buffer filled by a reader thread.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<String>>);
-
-impl Captured {
-    fn attach(stream: impl Read + Send + 'static) -> Captured {
-        let c = Captured::default();
-        let buf = c.0.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                let mut b = buf.lock().unwrap();
-                b.push_str(&line);
-                b.push('\n');
-            }
-        });
-        c
-    }
-
-    fn text(&self) -> String {
-        self.0.lock().unwrap().clone()
-    }
-}
-
-/// A child process that is killed on drop.
-struct Proc {
-    child: Option<Child>,
-    stdout: Captured,
-    stderr: Captured,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let stdout = Captured::attach(child.stdout.take().unwrap());
-        let stderr = Captured::attach(child.stderr.take().unwrap());
-        Proc { child: Some(child), stdout, stderr }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
-    }
-
-    fn signal(&self, sig: Signal) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid()) {
-            let _ = rustix::process::kill_process(pid, sig);
-        }
-    }
-
-    /// Waits (without blocking the runtime) for the exit; kills and panics after `timeout`.
-    async fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        let c = self.child.as_mut().expect("already reaped");
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                // Let the reader threads drain the pipes.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                self.child = None;
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("process did not exit in {timeout:?}; stderr:\n{}", self.stderr.text());
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// Runs a command to completion with a timeout, without blocking the runtime.
 async fn run(cmd: Command, timeout: Duration) -> (ExitStatus, String, String) {
@@ -156,36 +66,10 @@ async fn ctl_at(address: &str, args: &[&str]) -> Output {
     out
 }
 
-/// Asserts success and returns stdout.
-fn ok(what: &str, out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed with {:?}; stdout:\n{}\nstderr:\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-async fn session_ids(env: &Env) -> Vec<String> {
-    let paths = env.manager().await.list_sessions().await.unwrap();
-    paths.iter().map(|p| p.to_string()).collect()
-}
-
 async fn name_owned(env: &Env) -> bool {
     let dbus = zbus::fdo::DBusProxy::new(&env.conn).await.unwrap();
     let name = zbus::names::BusName::try_from(names::BUS_NAME).unwrap();
     dbus.name_has_owner(name).await.unwrap_or(false)
-}
-
-/// A running daemon (harness) with a valid token of `lifetime` seconds.
-async fn live(lifetime: u64) -> (Env, Daemon) {
-    let env = Env::with_lifetime(Duration::from_secs(lifetime)).await;
-    env.write_config(&Cfg { margin: "30s", ..Default::default() });
-    let d = env.start_daemon().await;
-    wait_state(&env, "default", "valid").await;
-    (env, d)
 }
 
 fn tool(name: &str) -> Option<PathBuf> {

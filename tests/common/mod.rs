@@ -3,6 +3,8 @@
 //! Everything is torn down on drop, so tests run in parallel without sharing anything.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod proc;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
