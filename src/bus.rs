@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, interface};
@@ -23,7 +23,7 @@ use crate::names;
 use crate::profile::Profile;
 use crate::secret::Secret;
 use crate::session::core::{Reply, Signal};
-use crate::session::{Credential, Definition, Origin, Snapshot};
+use crate::session::{Credential, Definition, Origin, Published, Snapshot};
 
 /// Longest string accepted from a D-Bus caller (a signed request can be long; 64 KiB).
 pub const MAX_ARG_BYTES: usize = 64 * 1024;
@@ -410,10 +410,10 @@ impl ManagerObject {
 pub async fn serve_session(
     conn: &Connection,
     ctx: &Arc<BusCtx>,
-    snapshot: watch::Receiver<Snapshot>,
+    snapshot: Published,
     announce: bool,
 ) -> Result<(), Error> {
-    let snap = snapshot.borrow().clone();
+    let snap = snapshot.load_full();
     let obj = SessionObject { id: snap.id.clone(), snapshot, ctx: ctx.clone() };
     conn.object_server().at(names::session_path(&snap.id), obj).await?;
     if announce {
@@ -434,7 +434,7 @@ pub async fn unserve_session(conn: &Connection, id: &str) {
 #[derive(Debug)]
 pub struct SessionObject {
     id: Arc<str>,
-    snapshot: watch::Receiver<Snapshot>,
+    snapshot: Published,
     ctx: Arc<BusCtx>,
 }
 
@@ -487,7 +487,7 @@ impl SessionObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<bool, Error> {
         self.ctx.access.check(conn, &hdr).await?;
-        Ok(self.snapshot.borrow().valid(self.ctx.clock.now()))
+        Ok(self.snapshot.load().valid(self.ctx.clock.now()))
     }
 
     /// The token and its expiry; `NotAuthorized` when not valid.
@@ -498,7 +498,7 @@ impl SessionObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(String, u64), Error> {
         self.ctx.access.check_token(conn, &hdr).await?;
-        let snap = self.snapshot.borrow();
+        let snap = self.snapshot.load();
         match (&snap.token, snap.expires_at) {
             (Some(t), Some(e)) if self.ctx.clock.now() < e => Ok((t.expose().to_owned(), secs(e))),
             _ => Err(Error::NotAuthorized("no valid token".into())),
@@ -572,68 +572,68 @@ impl SessionObject {
     /// The user.
     #[zbus(property)]
     fn unique_user_id(&self) -> String {
-        self.snapshot.borrow().unique_user_id.to_string()
+        self.snapshot.load().unique_user_id.to_string()
     }
 
     /// As returned by the backend.
     #[zbus(property)]
     fn username(&self) -> String {
-        self.snapshot.borrow().username.to_string()
+        self.snapshot.load().username.to_string()
     }
 
     /// `logged-out`, `valid`, `refreshing`, `expired`, `needs-reauthorization` or `failed`.
     #[zbus(property)]
     fn state(&self) -> String {
-        self.snapshot.borrow().state.as_str().to_owned()
+        self.snapshot.load().state.as_str().to_owned()
     }
 
     /// Whether the token is valid now.
     #[zbus(property)]
     fn valid(&self) -> bool {
-        self.snapshot.borrow().valid(self.ctx.clock.now())
+        self.snapshot.load().valid(self.ctx.clock.now())
     }
 
     /// Expiry, Unix seconds rounded down; 0 for none.
     #[zbus(property)]
     fn expires_at(&self) -> u64 {
-        self.snapshot.borrow().expires_at_secs()
+        self.snapshot.load().expires_at_secs()
     }
 
     /// Next planned refresh; 0 for none.
     #[zbus(property)]
     fn refresh_at(&self) -> u64 {
-        secs(self.snapshot.borrow().refresh_at)
+        secs(self.snapshot.load().refresh_at)
     }
 
     /// When the last login answer arrived; 0 for none.
     #[zbus(property)]
     fn last_login_at(&self) -> u64 {
-        secs(self.snapshot.borrow().last_login_at.unwrap_or(0.0))
+        secs(self.snapshot.load().last_login_at.unwrap_or(0.0))
     }
 
     /// Short name of the last failure, `""` for none.
     #[zbus(property)]
     fn last_error(&self) -> String {
-        self.snapshot.borrow().last_error.map(|e| e.as_str().to_owned()).unwrap_or_default()
+        self.snapshot.load().last_error.map(|e| e.as_str().to_owned()).unwrap_or_default()
     }
 
     /// Extra (not in the contract): successful logins of this user in the last 24 h.
     #[zbus(property)]
     fn logins_today(&self) -> u32 {
-        self.snapshot.borrow().logins_today
+        self.snapshot.load().logins_today
     }
 
     /// Extra (not in the contract): the daily login budget of this user.
     #[zbus(property)]
     fn logins_per_day(&self) -> u32 {
-        self.snapshot.borrow().logins_per_day
+        self.snapshot.load().logins_per_day
     }
 
     /// Extra (not in the contract): whether refreshes are paced to make the daily budget
     /// last.
     #[zbus(property)]
     fn pacing(&self) -> bool {
-        self.snapshot.borrow().pacing
+        self.snapshot.load().pacing
     }
 
     /// `didLoginUserSuccessfully`.

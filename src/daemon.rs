@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use zbus::Connection;
@@ -24,7 +24,7 @@ use crate::names;
 use crate::policy::Budget;
 use crate::sandbox::{self, Enforcement, Plan, Status};
 use crate::session::attempt::Peers;
-use crate::session::{Credential, Definition, Origin, Params, Snapshot};
+use crate::session::{Credential, Definition, Origin, Params, Published};
 use crate::store::{SessionRecord, Store, StoreError};
 use crate::watch::{Outside, SystemBus, WallEvent, WallTimer};
 use crate::writer::Writer;
@@ -283,11 +283,7 @@ async fn connect(controls: &Controls) -> Result<Connection, RunError> {
 
 /// Serves the object manager, every session found at start (without announcing them: no
 /// client can hear that before the name is claimed) and the manager.
-async fn serve(
-    conn: &Connection,
-    ctx: &Arc<BusCtx>,
-    sessions: Vec<(Arc<str>, watch::Receiver<Snapshot>)>,
-) -> Result<(), RunError> {
+async fn serve(conn: &Connection, ctx: &Arc<BusCtx>, sessions: Vec<(Arc<str>, Published)>) -> Result<(), RunError> {
     let server = conn.object_server();
     let other = |what: &str| {
         let what = what.to_owned();

@@ -6,14 +6,14 @@
 //! writes that reached the disk). It owns the sessions' [`Core`]s, the login [`Ledger`] and
 //! the deadline queue ([`Timers`]); it steps a session's core and carries out the effects:
 //! attempts run as futures in one `JoinSet`, writes go in order to the store's one writer
-//! thread, snapshots are published through a `watch` per session, and changes and signals go
+//! thread, snapshots are published (an `ArcSwap` per session), and changes and signals go
 //! in order to the bus publisher as [`Update`]s. No lock guards session state: only this loop
 //! touches it. Due deadlines come before queued calls, so callers cannot starve refreshes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -26,7 +26,7 @@ use crate::session::attempt::{self, Peers, Plan, Reservation};
 use crate::session::core::{
     AttemptResult, CallId, Core, Ctx, Effect, Input, Persisted, Reply, Settings, Signal, Stamp,
 };
-use crate::session::{Credential, Definition, Origin, Params, Snapshot, record};
+use crate::session::{Credential, Definition, Origin, Params, Published, Snapshot, record};
 use crate::timers::Timers;
 use crate::writer::Writer;
 
@@ -83,7 +83,7 @@ pub enum ManagerCall {
     /// Whether a session exists.
     Exists(String, oneshot::Sender<bool>),
     /// `AddSession`: the snapshot channel of the new session (the bus serves its object).
-    Add(Box<Definition>, oneshot::Sender<Result<watch::Receiver<Snapshot>, ApiError>>),
+    Add(Box<Definition>, oneshot::Sender<Result<Published, ApiError>>),
     /// `RemoveSession`.
     Remove(String, oneshot::Sender<Result<(), ApiError>>),
     /// Every session's snapshot (`GetManagedObjects`).
@@ -113,7 +113,7 @@ pub enum Update {
     /// A session's signal (its snapshot was published first).
     Signal(Arc<str>, Signal),
     /// A reload added a session: serve it and announce it.
-    Added(Arc<str>, watch::Receiver<Snapshot>),
+    Added(Arc<str>, Published),
     /// A reload removed a session: stop serving it and announce it.
     Removed(Arc<str>),
 }
@@ -123,7 +123,7 @@ pub enum Update {
 struct Slot {
     core: Core,
     session: Arc<Definition>,
-    snapshot: watch::Sender<Snapshot>,
+    snapshot: Published,
 }
 
 /// What the loop starts with.
@@ -212,7 +212,7 @@ impl Engine {
 
     /// Adds a session (from the config, the state, `AddSession` or a reload) and returns its
     /// snapshot channel. It starts working at the loop's first turn.
-    pub fn insert(&mut self, session: Definition, kept: Option<&Persisted>) -> watch::Receiver<Snapshot> {
+    pub fn insert(&mut self, session: Definition, kept: Option<&Persisted>) -> Published {
         let now = self.clock.now();
         let settings = self.settings(&session);
         let core = match kept {
@@ -220,10 +220,11 @@ impl Engine {
             None => Core::new(settings),
         };
         let id: Arc<str> = Arc::from(session.id.as_str());
-        let (tx, rx) = watch::channel(Snapshot::of(&id, &core, &self.ledger, now));
+        let snapshot: Published =
+            Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot::of(&id, &core, &self.ledger, now)));
         self.timers.set(&id, deadline(core.next_wake(&self.ledger, now), now));
-        self.sessions.insert(id, Slot { core, session: Arc::new(session), snapshot: tx });
-        rx
+        self.sessions.insert(id, Slot { core, session: Arc::new(session), snapshot: snapshot.clone() });
+        snapshot
     }
 
     /// Adds the sessions of the config file and those found in the state (`records`, by
@@ -232,7 +233,7 @@ impl Engine {
         &mut self,
         configured: Vec<Definition>,
         mut records: BTreeMap<String, crate::store::SessionRecord>,
-    ) -> Vec<(Arc<str>, watch::Receiver<Snapshot>)> {
+    ) -> Vec<(Arc<str>, Published)> {
         let mut out = Vec::with_capacity(configured.len() + records.len());
         for p in configured {
             let kept = records.remove(&p.id).and_then(|r| record::persisted(&r, &p.profile.unique_user_id));
@@ -374,7 +375,7 @@ impl Engine {
         let due: Vec<(Arc<str>, Option<crate::config::CredentialSource>)> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.snapshot.borrow().needs_sweep(now))
+            .filter(|(_, s)| s.snapshot.load().needs_sweep(now))
             .map(|(id, s)| {
                 let src = match (&s.session.credential, s.core.waits_for_change()) {
                     (Credential::Source(src), true) => Some(src.clone()),
@@ -477,17 +478,11 @@ impl Engine {
     fn publish(&mut self, id: &Arc<str>, now: f64) {
         let Some(slot) = self.sessions.get(id) else { return };
         let snap = Snapshot::of(id, &slot.core, &self.ledger, now);
-        let mut old = None;
-        slot.snapshot.send_if_modified(|current| {
-            if *current == snap {
-                return false;
-            }
-            old = Some(std::mem::replace(current, snap.clone()));
-            true
-        });
-        if let Some(old) = old {
-            let _ = self.updates.send(Update::Changed(Box::new((old, snap))));
+        if **slot.snapshot.load() == snap {
+            return;
         }
+        let old = slot.snapshot.swap(Arc::new(snap.clone()));
+        let _ = self.updates.send(Update::Changed(Box::new((Arc::unwrap_or_clone(old), snap))));
     }
 
     fn manager(&mut self, call: ManagerCall) {
@@ -499,7 +494,7 @@ impl Engine {
                 let _ = tx.send(self.sessions.contains_key(id.as_str()));
             }
             ManagerCall::Snapshots(tx) => {
-                let _ = tx.send(self.sessions.values().map(|s| s.snapshot.borrow().clone()).collect());
+                let _ = tx.send(self.sessions.values().map(|s| Snapshot::clone(&s.snapshot.load())).collect());
             }
             ManagerCall::Add(profile, tx) => {
                 let _ = tx.send(self.add(*profile));
@@ -510,7 +505,7 @@ impl Engine {
         }
     }
 
-    fn add(&mut self, session: Definition) -> Result<watch::Receiver<Snapshot>, ApiError> {
+    fn add(&mut self, session: Definition) -> Result<Published, ApiError> {
         if self.sessions.contains_key(session.id.as_str()) {
             return Err(ApiError::new(ErrorName::AlreadyExists, format!("session {:?} exists", session.id)));
         }
@@ -612,7 +607,7 @@ impl Engine {
     pub fn status_line(&self) -> String {
         let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
         for s in self.sessions.values() {
-            *counts.entry(s.snapshot.borrow().state.as_str()).or_default() += 1;
+            *counts.entry(s.snapshot.load().state.as_str()).or_default() += 1;
         }
         if counts.is_empty() {
             return "no sessions configured".to_owned();

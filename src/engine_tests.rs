@@ -71,13 +71,24 @@ fn profile(id: &str, origin: Origin) -> Definition {
     }
 }
 
+/// Waits (on the paused clock, at most an hour of it) until a snapshot satisfies `f`.
+async fn until(snapshot: &Published, f: impl Fn(&Snapshot) -> bool) {
+    for _ in 0..360_000 {
+        if f(&snapshot.load()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out; snapshot: {:?}", snapshot.load());
+}
+
 struct Rig {
     events: mpsc::UnboundedSender<Event>,
     updates: mpsc::UnboundedReceiver<Update>,
     peers: Arc<FakePeers>,
     dir: tempfile::TempDir,
     clock: Clock,
-    snapshot: watch::Receiver<Snapshot>,
+    snapshot: Published,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -134,8 +145,7 @@ impl Rig {
 
     /// Waits (on the paused clock) until the session's snapshot satisfies `f`.
     async fn until(&mut self, f: impl Fn(&Snapshot) -> bool) {
-        let ok = tokio::time::timeout(Duration::from_secs(3600), self.snapshot.wait_for(|s| f(s))).await;
-        assert!(ok.is_ok_and(|r| r.is_ok()), "timed out; snapshot: {:?}", *self.snapshot.borrow());
+        until(&self.snapshot, f).await;
     }
 
     async fn shutdown(self) -> tempfile::TempDir {
@@ -156,7 +166,7 @@ async fn a_refresh_starts_on_time() {
     let mut r = rig(100.0, Duration::ZERO, |_| {});
     r.until(|s| s.state == State::Valid).await;
     let first = r.peers.signs.lock().unwrap()[0];
-    let expires = r.snapshot.borrow().expires_at.unwrap();
+    let expires = r.snapshot.load().expires_at.unwrap();
     assert!((expires - first - 100.0).abs() < 0.01);
     r.until(|s| s.expires_at.is_some_and(|e| e > expires)).await;
     let signs = r.peers.signs.lock().unwrap().clone();
@@ -201,7 +211,7 @@ async fn reload_rules() {
     assert!(e.message.contains("config.toml"), "{}", e.message);
     // One added over D-Bus can.
     let rx = r.manager(|tx| ManagerCall::Add(Box::new(profile("bus", Origin::Bus)), tx)).await.unwrap();
-    assert_eq!(rx.borrow().id.as_ref(), "bus");
+    assert_eq!(rx.load().id.as_ref(), "bus");
     // A reload whose file names `other` instead of `default`: `default` goes as
     // RemoveSession would remove it (its state too), `other` comes, `bus` stays.
     let reload = Reload {
@@ -227,8 +237,7 @@ async fn reload_rules() {
         }
     }
     assert_eq!(seen, ["-default", "+other"]);
-    let mut other = other.unwrap();
-    other.wait_for(|s| s.state == State::Valid).await.unwrap();
+    until(&other.unwrap(), |s| s.state == State::Valid).await;
     assert_eq!(r.manager(|tx| ManagerCall::Remove("bus".into(), tx)).await, Ok(()));
     let dir = r.shutdown().await;
     assert!(!dir.path().join("sessions/default.json").exists(), "the removed session's state is gone");
@@ -244,7 +253,7 @@ async fn a_shutdown_writes_what_could_not_be_written_before() {
         std::fs::write(d.join("sessions"), "").unwrap();
     });
     r.until(|s| s.state == State::Valid).await;
-    let token = r.snapshot.borrow().token.clone().unwrap();
+    let token = r.snapshot.load().token.clone().unwrap();
     // The disk comes back before the daemon stops.
     std::fs::remove_file(r.dir.path().join("sessions")).unwrap();
     std::fs::create_dir(r.dir.path().join("sessions")).unwrap();
@@ -261,7 +270,7 @@ async fn a_reservation_that_cannot_be_written_sends_no_login() {
     });
     r.until(|s| s.last_error == Some(ErrorName::Cancelled)).await;
     assert_eq!(r.peers.logins.load(Ordering::SeqCst), 0, "no login without its reservation on disk");
-    assert_eq!(r.snapshot.borrow().state, State::Expired);
+    assert_eq!(r.snapshot.load().state, State::Expired);
     let reply = r.call(Call::Refresh).await;
     assert!(matches!(reply, Reply::Err(ref e) if e.name == ErrorName::Cancelled), "{reply:?}");
     assert_eq!(r.peers.logins.load(Ordering::SeqCst), 0);

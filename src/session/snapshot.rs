@@ -3,11 +3,18 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use super::core::{Core, State};
 use crate::error::ErrorName;
 use crate::ledger::Ledger;
 use crate::policy;
 use crate::secret::Secret;
+
+/// A session's published snapshot: the loop swaps in a new one after every change, the bus
+/// reads it without a lock and without waiting (about 200 bytes a session; a `watch`
+/// channel's shared state is three times that, 4 MiB more with 10,000 sessions).
+pub type Published = Arc<ArcSwap<Snapshot>>;
 
 /// A session as the bus shows it.
 #[derive(Debug, Clone, PartialEq)]
