@@ -455,10 +455,9 @@ impl Engine {
                 let logins = self.writer.save_logins(uid.clone(), self.ledger.history(&uid));
                 let session = self.writer.save_session(rec);
                 let sid = id.clone();
-                // Writes land in order: once the record is written, so is the ledger.
-                drop(logins);
+                // Different files are written in parallel: wait for both.
                 self.inflight.spawn(async move {
-                    let _ = session.await;
+                    let _ = futures_util::future::join(logins, session).await;
                     Event::Saved(sid, attempt)
                 });
             }
