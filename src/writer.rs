@@ -9,7 +9,7 @@
 //! a success before its answer) and lets the others go. Failures are logged here, with the
 //! path and never a secret.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -55,11 +55,13 @@ impl Write {
     }
 }
 
-/// The writer task's state: per key, the jobs not yet done (the front one may be running).
+/// The writer task's state: per key, the jobs not started yet.
 struct Queues {
     store: Store,
     on_failure: OnFailure,
     jobs: HashMap<Key, VecDeque<Job>>,
+    /// Keys with a job running or waiting for a slot: at most one job of a key runs.
+    busy: HashSet<Key>,
     /// Keys whose front job waits for a free slot.
     waiting: VecDeque<Key>,
     running: JoinSet<(Key, Job, Result<(), String>)>,
@@ -74,9 +76,8 @@ impl Queues {
             self.answer_flushes();
             return;
         };
-        let queue = self.jobs.entry(key.clone()).or_default();
-        queue.push_back(job);
-        if queue.len() == 1 {
+        self.jobs.entry(key.clone()).or_default().push_back(job);
+        if self.busy.insert(key.clone()) {
             self.waiting.push_back(key);
             self.start_waiting();
         }
@@ -85,9 +86,10 @@ impl Queues {
     fn start_waiting(&mut self) {
         while self.running.len() < PARALLEL {
             let Some(key) = self.waiting.pop_front() else { return };
-            let Some(job) = self.jobs.get_mut(&key).and_then(VecDeque::pop_front) else { continue };
-            // The job is taken out while it runs; its key stays, so later jobs wait.
-            self.jobs.entry(key.clone()).or_default();
+            let Some(job) = self.jobs.get_mut(&key).and_then(VecDeque::pop_front) else {
+                self.busy.remove(&key);
+                continue;
+            };
             let (store, on_failure) = (self.store.clone(), self.on_failure.clone());
             self.running.spawn_blocking(move || {
                 let Job { write, done } = job;
@@ -104,9 +106,11 @@ impl Queues {
     fn finished(&mut self, key: Key, job: Job, result: Result<(), String>) {
         let _ = job.done.send(result);
         match self.jobs.get(&key) {
+            // The key stays busy: its next job waits for a slot.
             Some(q) if !q.is_empty() => self.waiting.push_back(key),
             _ => {
                 self.jobs.remove(&key);
+                self.busy.remove(&key);
             }
         }
         self.start_waiting();
@@ -114,7 +118,7 @@ impl Queues {
     }
 
     fn answer_flushes(&mut self) {
-        if self.jobs.is_empty() && self.running.is_empty() {
+        if self.busy.is_empty() && self.running.is_empty() {
             for f in self.flushes.drain(..) {
                 let _ = f.send(Ok(()));
             }
@@ -142,6 +146,7 @@ impl Writer {
             store,
             on_failure,
             jobs: HashMap::new(),
+            busy: HashSet::new(),
             waiting: VecDeque::new(),
             running: JoinSet::new(),
             flushes: Vec::new(),
