@@ -93,16 +93,6 @@ fn diff(file: &BTreeSet<String>, live: &BTreeSet<String>) -> String {
     d
 }
 
-async fn introspect(env: &Env, path: &str) -> String {
-    let proxy = zbus::fdo::IntrospectableProxy::builder(&env.conn)
-        .destination(names::BUS_NAME)
-        .path(path)
-        .build()
-        .await
-        .unwrap();
-    proxy.introspect().await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_interface_file_matches_the_live_daemon() {
     let env = Env::new(SimConfig::default()).await;

@@ -119,16 +119,6 @@ async fn introspecting_the_manager_path() {
     );
 }
 
-async fn introspect(env: &Env, path: &str) -> String {
-    let proxy = zbus::fdo::IntrospectableProxy::builder(&env.conn)
-        .destination(names::BUS_NAME)
-        .path(path)
-        .build()
-        .await
-        .unwrap();
-    proxy.introspect().await.unwrap()
-}
-
 /// The measurement behind docs/upstream/zbus-introspect-lists-descendants.md (a figure, not
 /// a check): `cargo test --test wire -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -392,3 +392,14 @@ pub fn write(p: &Path, s: &str) {
     let mut f = std::fs::File::create(p).unwrap();
     f.write_all(s.as_bytes()).unwrap();
 }
+
+/// The daemon's introspection XML at `path`.
+pub async fn introspect(env: &Env, path: &str) -> String {
+    let proxy = zbus::fdo::IntrospectableProxy::builder(&env.conn)
+        .destination(names::BUS_NAME)
+        .path(path)
+        .build()
+        .await
+        .unwrap();
+    proxy.introspect().await.unwrap()
+}
