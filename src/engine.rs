@@ -340,14 +340,13 @@ impl Engine {
     }
 
     fn call(&mut self, id: &Arc<str>, call: Call) {
-        let Some(slot) = self.sessions.get(id) else {
+        if !self.sessions.contains_key(id) {
             let tx = match call {
                 Call::Refresh(tx) | Call::EnsureValid(_, tx) | Call::LoginSigned(_, tx) | Call::Cleanup(tx) => tx,
             };
             let _ = tx.send(Reply::Err(ApiError::new(ErrorName::NoSuchSession, format!("no session {id:?}"))));
             return;
-        };
-        let _ = slot;
+        }
         self.next_call += 1;
         let c = self.next_call;
         let (input, tx) = match call {
@@ -542,9 +541,7 @@ impl Engine {
 
     /// Removes a session: cancels what is under way and deletes its state.
     fn forget(&mut self, id: &str, why: &str) {
-        let Some((id, _)) = self.sessions.get_key_value(id).map(|(k, v)| (k.clone(), v.session.clone())) else {
-            return;
-        };
+        let Some(id) = self.sessions.get_key_value(id).map(|(k, _)| k.clone()) else { return };
         self.step(&id, Input::Stop(why.to_owned()));
         self.sessions.remove(&id);
         self.timers.set(&id, None);
@@ -619,7 +616,12 @@ impl Engine {
     /// the writer. Every change was written when it happened, so a daemon with 10,000
     /// sessions stops without 10,000 writes.
     async fn shutdown(&mut self) {
-        self.each(|| Input::Stop("cancelled: the daemon is shutting down".into()));
+        // Only a session with an attempt or callers in line has anything to cancel.
+        let busy: Vec<Arc<str>> =
+            self.sessions.iter().filter(|(_, s)| s.core.busy()).map(|(id, _)| id.clone()).collect();
+        for id in busy {
+            self.step(&id, Input::Stop("cancelled: the daemon is shutting down".into()));
+        }
         self.inflight.abort_all();
         for id in std::mem::take(&mut self.unsaved) {
             if let Some(slot) = self.sessions.get(&id) {

@@ -31,10 +31,13 @@ enum Write {
 /// Writes at most this many files at once.
 pub const PARALLEL: usize = 8;
 
+/// Where a write's result goes.
+type Done = oneshot::Sender<Result<(), String>>;
+
 #[derive(Debug)]
 struct Job {
     write: Write,
-    done: oneshot::Sender<Result<(), String>>,
+    done: Done,
 }
 
 /// The file a write goes to: writes of one key stay in order.
@@ -64,9 +67,9 @@ struct Queues {
     busy: HashSet<Key>,
     /// Keys whose front job waits for a free slot.
     waiting: VecDeque<Key>,
-    running: JoinSet<(Key, Job, Result<(), String>)>,
+    running: JoinSet<(Key, Done, Result<(), String>)>,
     /// Callers of `flush`, answered once nothing is left.
-    flushes: Vec<oneshot::Sender<Result<(), String>>>,
+    flushes: Vec<Done>,
 }
 
 impl Queues {
@@ -98,13 +101,13 @@ impl Queues {
                 let result =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_one(&store, write, &on_failure)))
                         .unwrap_or_else(|_| Err("the state write panicked".to_owned()));
-                (key, Job { write: Write::Flush, done }, result)
+                (key, done, result)
             });
         }
     }
 
-    fn finished(&mut self, key: Key, job: Job, result: Result<(), String>) {
-        let _ = job.done.send(result);
+    fn finished(&mut self, key: Key, done: Done, result: Result<(), String>) {
+        let _ = done.send(result);
         match self.jobs.get(&key) {
             // The key stays busy: its next job waits for a slot.
             Some(q) if !q.is_empty() => self.waiting.push_back(key),
@@ -160,7 +163,7 @@ impl Writer {
                         None => open = false,
                     },
                     Some(done) = q.running.join_next(), if !q.running.is_empty() => match done {
-                        Ok((key, job, result)) => q.finished(key, job, result),
+                        Ok((key, done, result)) => q.finished(key, done, result),
                         // Only when the runtime shuts down (panics are caught above).
                         Err(e) => tracing::error!(error = %e, "a state write was cancelled"),
                     },
