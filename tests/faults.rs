@@ -135,27 +135,30 @@ async fn backend_401_needs_reauthorization_until_the_credential_changes() {
     let env = Env::with_lifetime(Duration::from_secs(300)).await;
     env.sim.set_accepted_credentials(Some(vec!["good-credential".into()]));
     env.write_config(&Cfg { backoff_initial: "100ms", backoff_max: "200ms", ..Default::default() });
+    let mut signals = session_signals(&env).await;
     let d = env.spawn_daemon(&[]);
     d.wait_for_name(&env.conn).await;
     let s = env.session("default").await;
     assert!(state_is(&env, "default", "needs-reauthorization").await, "log:\n{}", d.log.text());
     assert_eq!(s.last_error().await.unwrap(), "Unauthorized");
+    // No automatic attempt is planned. That none comes over hours of sweeps, resumes and
+    // network returns is checked on the paused clock:
+    // engine::tests::a_rejected_credential_waits_for_a_change_of_the_file_or_a_client.
     assert_eq!(s.refresh_at().await.unwrap(), 0);
-    let mut reauth = s.receive_reauthorization_required().await.unwrap();
-    let n = env.sim.counters().sign_requests;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(env.sim.counters().sign_requests, n, "no automatic retry while the credential is rejected");
+    assert_eq!(next_signal(&mut signals).await, "LoginFailed");
+    assert_eq!(next_signal(&mut signals).await, "ReauthorizationRequired");
     // A client's Refresh makes exactly one attempt.
+    let n = env.sim.counters().sign_requests;
     assert_eq!(err_name(s.refresh().await), "Unauthorized");
     assert_eq!(env.sim.counters().sign_requests, n + 1);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), reauth.next()).await.is_err(),
-        "not repeated while it stays"
-    );
-    // The credential file changes: the next sweep tries again.
+    // The credential file changes: the next sweep (or, at once, the reload) tries again.
     env.credential_file("backend-credential", "good-credential");
     d.signal(rustix::process::Signal::HUP);
     assert!(state_is(&env, "default", "valid").await, "log:\n{}", d.log.text());
+    // Between the two: the client's failure, announced without a second
+    // ReauthorizationRequired, and no automatic attempt in between.
+    assert_eq!(next_signal(&mut signals).await, "LoginFailed", "log:\n{}", d.log.text());
+    assert_eq!(next_signal(&mut signals).await, "LoginSucceeded", "log:\n{}", d.log.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,9 +185,10 @@ async fn backend_403_emits_reauthorization_required_and_other_4xx_fails() {
     env.sim.push_fault(Endpoint::Login, status(404, None, None), 1);
     assert_eq!(err_name(s.refresh().await), "ServerError");
     assert_eq!(s.state().await.unwrap(), "failed");
-    let n = env.sim.counters().sign_requests;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(env.sim.counters().sign_requests, n, "no automatic retry after a permanent error");
+    // No automatic attempt is planned after a permanent error. That none comes, even after
+    // the token expires, is checked on the paused clock:
+    // engine::tests::a_permanent_error_is_not_retried_until_a_client_asks.
+    assert_eq!(s.refresh_at().await.unwrap(), 0, "no automatic retry after a permanent error");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -452,7 +452,8 @@ async fn a_reload_with_a_broken_config_keeps_the_old_one() {
     cfg.sessions.push(("bad", "x", "x@example.com"));
     env.write_config(&cfg);
     d.signal(Signal::HUP);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = eventually(T, || async { d.log.text().matches("reload failed").count() == 2 }).await;
+    assert!(refused, "the second failed reload is logged; log:\n{}", d.log.text());
     assert!(!session_ids(&env).await.contains(&names::session_path("bad")));
     // A fixed config is taken again.
     cfg.sessions.pop();

@@ -177,7 +177,9 @@ async fn kill_9_at_random_moments_loses_nothing_and_keeps_the_budget() {
             // A token a client was given is still valid: the restarted daemon serves one.
             assert!(s.is_authorization_valid().await.unwrap(), "iteration {i}: a valid token was lost");
         }
-        // Let the cycle run a random while, ask for the token, and kill mid-way.
+        // Let the cycle run a random while, ask for the token, and kill mid-way. Real time:
+        // the kills must land at moments of the real process's refresh cycle (mid-request,
+        // mid-write), which no in-process clock reaches.
         let wait = (i * 7919 % 900) + 50;
         tokio::time::sleep(Duration::from_millis(wait / 2)).await;
         if let Ok(t) = s.get_token().await {
@@ -261,7 +263,9 @@ async fn without_pacing_the_budget_alone_holds_refreshes_back() {
         s.refresh_at().await
     );
     assert!(!s.pacing().await.unwrap());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // RefreshAt above is the daemon's plan; that nothing comes before it, and the refresh
+    // comes at that moment, is checked on the paused clock:
+    // engine::tests::without_pacing_the_budget_alone_holds_refreshes_back.
     assert_eq!(env.sim.counters().login_ok, 3);
     assert_eq!(err_name(s.refresh().await), "TooManyRequests");
 }
@@ -275,10 +279,15 @@ async fn short_tokens_are_paced_so_the_daily_budget_lasts() {
     // Half the budget goes at the natural pace (a login every 2 s)...
     assert!(logins_reach(&env, 2, T).await);
     assert!(eventually(T, || async { s.pacing().await.unwrap() }).await, "log:\n{}", d.log.text());
-    // ...then one per 24 h / 4: no login for a while, though the token expires.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // ...then one per 24 h / 4 after the last attempt: RefreshAt shows it. That nothing
+    // comes before it, though the token expires, that it comes then, and that the log says
+    // so only once, is checked on the paused clock:
+    // engine::tests::short_tokens_are_paced_so_the_daily_budget_lasts.
+    let second = env.sim.logins()[1].at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let r = s.refresh_at().await.unwrap() as f64;
+    assert!((r - (second + 86_400.0 / 4.0)).abs() < 5.0, "RefreshAt {r} for the login at {second}");
     assert_eq!(env.sim.counters().login_ok, 2);
-    assert!(d.log.text().contains("pacing refreshes"), "said once in the logs");
+    assert!(eventually(T, || async { d.log.text().contains("pacing refreshes") }).await, "said in the logs");
     assert_eq!(d.log.text().matches("pacing refreshes").count(), 1);
     let out = env.tokenctl(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -332,14 +341,22 @@ async fn one_desktop_notification_when_reauthorization_is_required() {
     let (_server, calls) = notification_server(&env).await;
     env.sim.set_accepted_credentials(Some(vec!["another-credential".into()]));
     env.write_config(&Cfg { margin: "30s", ..Default::default() });
+    let mut signals = session_signals(&env).await;
     let _d = env.start_daemon().await;
     let s = env.session("default").await;
     assert!(eventually(T, || async { s.state().await.unwrap() == "needs-reauthorization" }).await);
+    assert_eq!(next_signal(&mut signals).await, "LoginFailed");
+    assert_eq!(next_signal(&mut signals).await, "ReauthorizationRequired");
     assert!(eventually(T, || async { calls.lock().unwrap().len() == 1 }).await, "one notification");
     assert!(calls.lock().unwrap()[0].1.contains("default"), "it names the session");
-    // Still rejected: the state does not change, so no second notification.
+    // Still rejected: the state does not change, so no second ReauthorizationRequired, and
+    // no second notification (the daemon sends one with each of those signals). A success
+    // after it closes the window: no ReauthorizationRequired came between.
     assert_eq!(err_name(s.refresh().await), "Unauthorized");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.sim.set_accepted_credentials(None);
+    s.refresh().await.unwrap();
+    assert_eq!(next_signal(&mut signals).await, "LoginFailed");
+    assert_eq!(next_signal(&mut signals).await, "LoginSucceeded");
     assert_eq!(calls.lock().unwrap().len(), 1);
 }
 
@@ -360,10 +377,16 @@ async fn notifications_are_harmless_without_a_server_and_can_be_disabled() {
     let (_server, calls) = notification_server(&env).await;
     env.sim.set_accepted_credentials(Some(vec!["another-credential".into()]));
     env.write_config(&Cfg { margin: "30s", extra: "[notify]\nenabled = false\n".into(), ..Default::default() });
+    let mut signals = session_signals(&env).await;
     let _d = env.start_daemon().await;
     let s = env.session("default").await;
-    assert!(eventually(T, || async { s.state().await.unwrap() == "needs-reauthorization" }).await);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(next_signal(&mut signals).await, "LoginFailed");
+    // The daemon hands the notification to its own task just before it emits this signal.
+    assert_eq!(next_signal(&mut signals).await, "ReauthorizationRequired");
+    assert_eq!(s.state().await.unwrap(), "needs-reauthorization");
+    // Real time: a call that is not sent has no event to wait for; one that was would reach
+    // the server within milliseconds of the signal.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(calls.lock().unwrap().is_empty(), "disabled notifications are not sent");
 }
 

@@ -60,6 +60,27 @@ fn count(d: &Daemon, what: &str) -> usize {
     d.log.text().matches(what).count()
 }
 
+/// Sends one more impostor signal, to the daemon alone, and waits until the daemon logs that
+/// it ignored it: the daemon takes these signals in the order they reach it, so everything
+/// sent before (a duplicate of the owner's signal, a late impostor) has been judged too. No
+/// waiting a while for something not to happen.
+async fn settle<B>(
+    impostor: &Connection,
+    watcher: &[String],
+    path: &str,
+    iface: &str,
+    member: &str,
+    body: &B,
+    d: &Daemon,
+) where
+    B: serde::Serialize + zbus::zvariant::DynamicType,
+{
+    let before = count(d, "ignored a system signal");
+    impostor.emit_signal(Some(watcher[0].as_str()), path, iface, member, body).await.unwrap();
+    let judged = eventually(T, || async { count(d, "ignored a system signal") > before }).await;
+    assert!(judged, "the last signal was never judged; log:\n{}", d.log.text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_owner_of_login1_announces_a_resume() {
     let env = Env::with_lifetime(Duration::from_secs(300)).await;
@@ -94,7 +115,7 @@ async fn only_the_owner_of_login1_announces_a_resume() {
     logind.emit_signal(None::<&str>, LOGIND_PATH, LOGIND_IFACE, "PrepareForSleep", &(false,)).await.unwrap();
     let woke = eventually(T, || async { d.log.text().contains("system event event=Resumed") }).await;
     assert!(woke, "logind's resume was heard; log:\n{}", d.log.text());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settle(&impostor, &watcher, LOGIND_PATH, LOGIND_IFACE, "PrepareForSleep", &(false,), &d).await;
     assert_eq!(count(&d, "system event"), 1, "only logind's signal counted; log:\n{}", d.log.text());
 }
 
@@ -131,7 +152,7 @@ async fn only_the_owner_of_networkmanager_announces_the_network() {
     assert!(eventually(T, || async { count(&d, "ignored a system signal") >= 3 }).await);
     nm2.emit_signal(None::<&str>, NM_PATH, NM_IFACE, "StateChanged", &(70u32,)).await.unwrap();
     assert!(eventually(T, || async { count(&d, "system event event=NetworkUp") == 2 }).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settle(&impostor, &watcher, NM_PATH, NM_IFACE, "StateChanged", &(70u32,), &d).await;
     assert_eq!(count(&d, "system event"), 2, "{gone} and the impostor were not heard; log:\n{}", d.log.text());
 }
 

@@ -403,3 +403,34 @@ pub async fn introspect(env: &Env, path: &str) -> String {
         .unwrap();
     proxy.introspect().await.unwrap()
 }
+
+/// Every signal of the session interface the daemon emits from now on, in the order it
+/// emitted them (subscribe before the events to be seen). The daemon emits the signals in
+/// the order its loop decided them, so once a later signal has come, one that did not come
+/// before it was never sent: no waiting "a while" for something not to happen.
+pub async fn session_signals(env: &Env) -> zbus::MessageStream {
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface(names::SESSION_INTERFACE)
+        .build()
+        .unwrap();
+    zbus::MessageStream::for_match_rule(rule, &env.conn, None).await.unwrap()
+}
+
+/// The member name of the next signal on `stream`; fails the test after 20 s.
+pub async fn next_signal(stream: &mut zbus::MessageStream) -> String {
+    use futures_util::StreamExt;
+    let msg = tokio::time::timeout(Duration::from_secs(20), stream.next())
+        .await
+        .expect("no signal within 20 s")
+        .unwrap()
+        .unwrap();
+    msg.header().member().unwrap().to_string()
+}
+
+/// Returns once the daemon's loop has handled everything due or queued before this call: it
+/// serves due deadlines before calls, and `ListSessions` is a call it answers. What the loop
+/// decided at start (a login or not) is visible after it.
+pub async fn loop_caught_up(env: &Env) {
+    env.manager().await.list_sessions().await.unwrap();
+}
