@@ -235,6 +235,10 @@ impl Rig {
                 self.events.send(Event::NetworkUp).unwrap();
             }
         }
+        // A sweep may have started reading a credential file off the runtime. The paused
+        // clock does not move while such a read runs, nor while a task is ready to run, so
+        // this returns once the read is done and the loop has handled what it found.
+        tokio::time::sleep(Duration::from_millis(1)).await;
         // The loop has handled everything sent above once it answers this.
         let _ = self.manager(ManagerCall::List).await;
     }
