@@ -646,9 +646,8 @@ async fn a_restart_keeps_the_token_and_its_refresh_plan() {
     let r = w.start(|_| {});
     let s = r.snapshot.load();
     assert_eq!((s.state, &s.token), (State::Valid, &before.token));
-    // Read back from the state file, an expiry may differ in its last bit (serde_json without
-    // `float_roundtrip` parses floats to best-effort precision).
-    assert!(same(s.expires_at.unwrap(), before.expires_at.unwrap()));
+    // Read back from the state file exactly (serde_json's `float_roundtrip`).
+    assert_eq!(s.expires_at, before.expires_at);
     assert!(same(s.refresh_at, t0 + 290.0), "the stored plan is kept");
     r.pass_until(t0 + 289.99).await;
     assert_eq!(r.signs().len(), 1, "no login after the restart before the plan");

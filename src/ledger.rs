@@ -61,11 +61,11 @@ impl Ledger {
     }
 
     /// Reserves a login slot at `now` when the budget allows one; else the moment it frees.
-    pub fn reserve(&mut self, uid: &str, budget: Budget, now: f64) -> Result<(), f64> {
+    pub fn reserve(&mut self, uid: &Arc<str>, budget: Budget, now: f64) -> Result<(), f64> {
         if let Some(free) = self.free_at(uid, budget, now) {
             return Err(free);
         }
-        let h = self.users.entry(Arc::from(uid)).or_default();
+        let h = self.user(uid);
         h.logins.retain(|t| *t > now - DAY);
         h.reserved.push(now);
         Ok(())
@@ -73,10 +73,14 @@ impl Ledger {
 
     /// Ends the reservation made at `reserved_at`: a success at `success_at` becomes a login;
     /// `None` (the attempt failed before a login could happen) frees the slot.
-    pub fn settle(&mut self, uid: &str, reserved_at: f64, success_at: Option<f64>) {
-        let h = self.users.entry(Arc::from(uid)).or_default();
+    pub fn settle(&mut self, uid: &Arc<str>, reserved_at: f64, success_at: Option<f64>) {
+        let h = self.user(uid);
         if let Some(pos) = h.reserved.iter().position(|t| *t == reserved_at) {
             h.reserved.remove(pos);
+        }
+        if h.reserved.is_empty() {
+            // Most users have no attempt under way: 10,000 idle users keep no buffer.
+            h.reserved = Vec::new();
         }
         if let Some(t) = success_at {
             h.logins.push(t);
@@ -85,6 +89,11 @@ impl Ledger {
 
     /// What is written to disk for `uid`: logins and reservations alike, so a restart counts
     /// an attempt that was under way.
+    /// The user's entry, keyed by the session's own `Arc` (no copy of the id per user).
+    fn user(&mut self, uid: &Arc<str>) -> &mut History {
+        self.users.entry(uid.clone()).or_default()
+    }
+
     pub fn history(&self, uid: &str) -> Vec<f64> {
         self.all(uid)
     }
@@ -98,27 +107,29 @@ mod tests {
 
     #[test]
     fn reservations_count_against_the_budget_but_not_as_logins() {
+        let u: Arc<str> = Arc::from("u");
         let mut l = Ledger::default();
-        assert_eq!(l.reserve("u", B, 100.0), Ok(()));
+        assert_eq!(l.reserve(&u, B, 100.0), Ok(()));
         assert_eq!(l.logins_today("u", 100.0), 0);
         assert_eq!(l.remaining_today("u", B, 100.0), 2);
         assert_eq!(l.history("u"), vec![100.0]);
-        l.settle("u", 100.0, Some(101.0));
+        l.settle(&u, 100.0, Some(101.0));
         assert_eq!(l.logins_today("u", 101.0), 1);
         assert_eq!(l.history("u"), vec![101.0]);
         // A failed attempt gives its slot back.
-        assert_eq!(l.reserve("u", B, 102.0), Ok(()));
-        l.settle("u", 102.0, None);
+        assert_eq!(l.reserve(&u, B, 102.0), Ok(()));
+        l.settle(&u, 102.0, None);
         assert_eq!(l.history("u"), vec![101.0]);
     }
 
     #[test]
     fn the_budget_refuses_and_says_when_it_frees() {
+        let (u, v): (Arc<str>, Arc<str>) = (Arc::from("u"), Arc::from("v"));
         let mut l = Ledger::from_histories([("u".to_owned(), vec![10.0, 20.0])]);
-        assert_eq!(l.reserve("u", B, 30.0), Err(70.0));
-        assert_eq!(l.reserve("u", B, 71.0), Ok(()));
-        assert_eq!(l.reserve("u", B, 200.0), Err(10.0 + DAY));
+        assert_eq!(l.reserve(&u, B, 30.0), Err(70.0));
+        assert_eq!(l.reserve(&u, B, 71.0), Ok(()));
+        assert_eq!(l.reserve(&u, B, 200.0), Err(10.0 + DAY));
         // Another user has a budget of its own.
-        assert_eq!(l.reserve("v", B, 200.0), Ok(()));
+        assert_eq!(l.reserve(&v, B, 200.0), Ok(()));
     }
 }
