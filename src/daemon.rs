@@ -324,7 +324,7 @@ async fn stop_engine(events: &mpsc::UnboundedSender<Event>) {
 }
 
 /// Runs the daemon until `controls.shutdown` fires.
-pub async fn run(location: ConfigLocation, config: Config, mut controls: Controls) -> Result<(), RunError> {
+pub async fn run(location: ConfigLocation, config: Config, mut controls: Controls) -> Result<Stopped, RunError> {
     let started = std::time::Instant::now();
     let clock = controls.clock.clone();
     let loaded = load_state(open_store(&config)?);
@@ -393,11 +393,19 @@ pub async fn run(location: ConfigLocation, config: Config, mut controls: Control
     info!("shutting down");
     notify(&[sd_notify::NotifyState::Stopping]);
     stop_engine(&events).await;
-    if let Err(e) = engine_task.await {
-        error!(error = %e, "the session loop ended abnormally");
-    }
+    let engine = engine_task.await.inspect_err(|e| error!(error = %e, "the session loop ended abnormally")).ok();
     let _ = conn.release_name(names::BUS_NAME).await;
-    Ok(())
+    Ok(Stopped { _sessions: engine })
+}
+
+/// What is left of a daemon that stopped cleanly: its sessions, every change of them on disk.
+/// Dropping it frees them; a process that exits next need not (the binary does not: freeing
+/// 10,000 sessions reads every page of them, cold after an idle hour, and that cost more
+/// than the rest of the shutdown; BENCHMARKS.md).
+#[derive(Debug)]
+#[must_use]
+pub struct Stopped {
+    _sessions: Option<Engine>,
 }
 
 /// Resume and network signals from the system bus, and the tests' injected events.

@@ -27,6 +27,7 @@ use crate::session::core::{
     AttemptResult, CallId, Core, Ctx, Effect, Input, Persisted, Reply, Settings, Signal, Stamp,
 };
 use crate::session::{Credential, Definition, Origin, Params, Published, Snapshot, record};
+use crate::sweep::SweepIndex;
 use crate::timers::Timers;
 use crate::writer::Writer;
 
@@ -157,6 +158,10 @@ pub struct Engine {
     sessions: BTreeMap<Arc<str>, Box<Slot>>,
     ledger: Ledger,
     timers: Timers<Instant>,
+    /// What the sweep and the status line read instead of every session.
+    sweep: SweepIndex,
+    /// Sessions with an attempt under way or callers in line (what a shutdown cancels).
+    busy: HashSet<Arc<str>>,
     /// Attempts under way and commits waiting for the disk; each yields an [`Event`].
     inflight: JoinSet<Event>,
     /// The attempt under way of each session, to cancel it.
@@ -188,6 +193,8 @@ impl Engine {
             sessions: BTreeMap::new(),
             ledger: s.ledger,
             timers: Timers::default(),
+            sweep: SweepIndex::default(),
+            busy: HashSet::new(),
             inflight: JoinSet::new(),
             running: HashMap::new(),
             pending: HashMap::new(),
@@ -222,8 +229,9 @@ impl Engine {
             None => Core::new(settings),
         };
         let id: Arc<str> = Arc::from(session.id.as_str());
-        let snapshot: Published =
-            Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot::of(&id, &core, &self.ledger, now)));
+        let first = Snapshot::of(&id, &core, &self.ledger, now);
+        self.sweep.track(&id, None, &first);
+        let snapshot: Published = Arc::new(arc_swap::ArcSwap::from_pointee(first));
         self.timers.set(&id, deadline(core.next_wake(&self.ledger, now), now));
         self.sessions.insert(id, Box::new(Slot { core, session: Arc::new(session), snapshot: snapshot.clone() }));
         snapshot
@@ -263,7 +271,9 @@ impl Engine {
     }
 
     /// Runs until [`Event::Shutdown`] (or until every sender is gone).
-    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+    /// Returns itself, stopped and saved: the caller frees it, or exits without (see
+    /// [`crate::daemon::Stopped`]).
+    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) -> Self {
         let sleep = tokio::time::sleep_until(Instant::now());
         tokio::pin!(sleep);
         let mut armed: Option<Instant> = None;
@@ -293,12 +303,12 @@ impl Engine {
                     Some(Event::Shutdown(done)) => {
                         self.shutdown().await;
                         let _ = done.send(());
-                        return;
+                        return self;
                     }
                     Some(event) => self.handle(event),
                     None => {
                         self.shutdown().await;
-                        return;
+                        return self;
                     }
                 },
             }
@@ -370,28 +380,26 @@ impl Engine {
     }
 
     /// The sweep wakes only the sessions whose wall-clock deadline passed unseen or that
-    /// wait for a credential change: a resting session costs nothing.
+    /// wait for a credential change, and reads no other (see `sweep.rs`).
     fn sweep(&mut self) {
         let now = self.clock.now();
-        let due: Vec<(Arc<str>, Option<crate::config::CredentialSource>)> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.snapshot.load().needs_sweep(now))
-            .map(|(id, s)| {
-                let src = match (&s.session.credential, s.core.waits_for_change()) {
-                    (Credential::Source(src), true) => Some(src.clone()),
-                    _ => None,
-                };
-                (id.clone(), src)
-            })
-            .collect();
-        for (id, src) in due {
+        for id in self.sweep.take_due(now) {
+            let Some(slot) = self.sessions.get(&id) else { continue };
+            let src = match (&slot.session.credential, slot.core.waits_for_change()) {
+                (Credential::Source(src), true) => Some(src.clone()),
+                _ => None,
+            };
             match src {
                 // Read off this thread: a hung network home must not stall the loop.
                 Some(src) => {
-                    self.inflight.spawn(async move { Event::CredentialChecked(id, attempt::read_stamp(&src).await) });
+                    let sid = id.clone();
+                    self.inflight.spawn(async move { Event::CredentialChecked(sid, attempt::read_stamp(&src).await) });
                 }
-                None => self.step(&id, Input::Tick),
+                None if slot.snapshot.load().needs_sweep(now) => self.step(&id, Input::Tick),
+                None => {}
+            }
+            if let Some(slot) = self.sessions.get(&id) {
+                self.sweep.put_back(&id, &slot.snapshot.load());
             }
         }
     }
@@ -411,6 +419,11 @@ impl Engine {
         self.publish(id, now);
         if let Some(slot) = self.sessions.get(id) {
             self.timers.set(id, deadline(slot.core.next_wake(&self.ledger, now), now));
+            if slot.core.busy() {
+                self.busy.insert(id.clone());
+            } else {
+                self.busy.remove(id);
+            }
         }
     }
 
@@ -482,6 +495,7 @@ impl Engine {
             return;
         }
         let old = slot.snapshot.swap(Arc::new(snap.clone()));
+        self.sweep.track(id, Some(&old), &snap);
         let _ = self.updates.send(Update::Changed(Box::new((Arc::unwrap_or_clone(old), snap))));
     }
 
@@ -545,7 +559,10 @@ impl Engine {
     fn forget(&mut self, id: &str, why: &str) {
         let Some(id) = self.sessions.get_key_value(id).map(|(k, _)| k.clone()) else { return };
         self.step(&id, Input::Stop(why.to_owned()));
-        self.sessions.remove(&id);
+        if let Some(slot) = self.sessions.remove(&id) {
+            self.sweep.forget(&id, &slot.snapshot.load());
+        }
+        self.busy.remove(&id);
         self.timers.set(&id, None);
         self.unsaved.remove(&id);
         drop(self.writer.remove_session(id.to_string()));
@@ -601,16 +618,16 @@ impl Engine {
         info!(sessions = self.sessions.len(), "configuration reloaded");
     }
 
-    /// A one-line summary for `sd_notify` STATUS and logs.
+    /// A one-line summary for `sd_notify` STATUS and logs (from the counts kept as
+    /// sessions change: it reads no session).
     pub fn status_line(&self) -> String {
-        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
-        for s in self.sessions.values() {
-            *counts.entry(s.snapshot.load().state.as_str()).or_default() += 1;
-        }
-        if counts.is_empty() {
+        if self.sessions.is_empty() {
             return "no sessions configured".to_owned();
         }
-        let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        let mut parts: Vec<(&'static str, usize)> =
+            self.sweep.counts().filter(|(_, n)| *n > 0).map(|(state, n)| (state.as_str(), n)).collect();
+        parts.sort_unstable();
+        let parts: Vec<String> = parts.iter().map(|(k, v)| format!("{v} {k}")).collect();
         format!("{} session(s): {}", self.sessions.len(), parts.join(", "))
     }
 
@@ -619,8 +636,7 @@ impl Engine {
     /// sessions stops without 10,000 writes.
     async fn shutdown(&mut self) {
         // Only a session with an attempt or callers in line has anything to cancel.
-        let busy: Vec<Arc<str>> =
-            self.sessions.iter().filter(|(_, s)| s.core.busy()).map(|(id, _)| id.clone()).collect();
+        let busy: Vec<Arc<str>> = self.busy.iter().cloned().collect();
         for id in busy {
             self.step(&id, Input::Stop("cancelled: the daemon is shutting down".into()));
         }

@@ -179,7 +179,7 @@ struct Rig {
     updates: mpsc::UnboundedReceiver<Update>,
     world: World,
     snapshot: Published,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Engine>,
 }
 
 /// A loop with one configured session, `default`, on a fresh state directory; `prepare` may
@@ -212,6 +212,13 @@ impl Rig {
     async fn manager<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> ManagerCall) -> T {
         let (tx, rx) = oneshot::channel();
         self.events.send(Event::Manager(make(tx))).unwrap();
+        rx.await.unwrap()
+    }
+
+    /// The status line (`sd_notify` STATUS).
+    async fn manager_status(&self) -> String {
+        let (tx, rx) = oneshot::channel();
+        self.events.send(Event::Status(tx)).unwrap();
         rx.await.unwrap()
     }
 
@@ -713,5 +720,33 @@ async fn cleanup_holds_across_a_reload_and_a_restart_until_a_client_asks() {
     let asked = r.signs()[1];
     r.until(|s| s.last_login_at.is_some_and(|t| t > asked + 1.0)).await;
     assert!(same(r.signs()[2], asked + 290.0), "refreshing again after the client's login");
+    r.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sweep_catches_a_refresh_missed_in_a_suspend() {
+    let mut r = rig(300.0, Duration::ZERO, |_| {});
+    r.until(|s| s.state == State::Valid).await;
+    let t0 = r.signs()[0];
+    assert!(same(r.snapshot.load().refresh_at, t0 + 290.0));
+    // A sweep before the plan does nothing.
+    r.events.send(Event::Sweep).unwrap();
+    let _ = r.manager(ManagerCall::List).await;
+    assert_eq!(r.signs().len(), 1);
+    // A suspend: the wall clock moves 10 minutes, the monotonic timers stand still (and no
+    // resume signal comes). The refresh and the expiry passed unseen; the next sweep sees it.
+    r.world.clock.shift_ms(600_000);
+    let _ = r.manager(ManagerCall::List).await;
+    assert_eq!(r.signs().len(), 1, "the monotonic timer has not fired");
+    r.events.send(Event::Sweep).unwrap();
+    r.until(|s| s.state == State::Valid && s.expires_at.is_some_and(|e| e > t0 + 600.0)).await;
+    let signs = r.signs();
+    assert_eq!(signs.len(), 2, "one attempt, at the sweep: {signs:?}");
+    // At the sweep (the reservation's write on the blocking pool lets the paused clock move
+    // a few ms).
+    assert!((0.0..1.0).contains(&(signs[1] - (t0 + 600.0))), "tried at {} after the suspend", signs[1] - t0);
+    // The status line counts the sessions without reading them.
+    let status = r.manager_status().await;
+    assert_eq!(status, "1 session(s): 1 valid");
     r.shutdown().await;
 }

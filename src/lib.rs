@@ -23,6 +23,7 @@ pub mod schedule;
 pub mod secret;
 pub mod session;
 pub mod store;
+pub mod sweep;
 pub mod timers;
 pub mod watch;
 pub mod writer;

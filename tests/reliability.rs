@@ -23,7 +23,7 @@ struct InProcess {
     clock: Clock,
     outside: mpsc::UnboundedSender<Outside>,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), daemon::RunError>>,
+    task: tokio::task::JoinHandle<Result<daemon::Stopped, daemon::RunError>>,
 }
 
 async fn in_process(env: &Env, system_bus: SystemBus) -> InProcess {
@@ -61,7 +61,7 @@ async fn in_process(env: &Env, system_bus: SystemBus) -> InProcess {
 impl InProcess {
     async fn stop(self) {
         self.shutdown.cancel();
-        self.task.await.unwrap().unwrap();
+        let _stopped = self.task.await.unwrap().unwrap();
     }
 }
 

@@ -47,6 +47,15 @@ pub enum State {
 }
 
 impl State {
+    /// Every state, in the order of [`State::index`].
+    pub const ALL: [State; 6] =
+        [State::LoggedOut, State::Valid, State::Refreshing, State::Expired, State::NeedsReauthorization, State::Failed];
+
+    /// The position in [`State::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The SPEC's spelling.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -11,7 +11,7 @@ pub mod record;
 pub mod snapshot;
 
 pub use self::core::{Params, State};
-pub use self::snapshot::{Published, Snapshot};
+pub use self::snapshot::{Published, Snapshot, SweepAt};
 
 use crate::config::CredentialSource;
 use crate::profile::Profile;

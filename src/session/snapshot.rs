@@ -16,6 +16,17 @@ use crate::secret::Secret;
 /// channel's shared state is three times that, 4 MiB more with 10,000 sessions).
 pub type Published = Arc<ArcSwap<Snapshot>>;
 
+/// When the periodic sweep must look at a session ([`Snapshot::sweep_at`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SweepAt {
+    /// Nothing can pass unseen.
+    Never,
+    /// From this wall-clock instant (Unix seconds) on.
+    At(f64),
+    /// At every sweep.
+    Always,
+}
+
 /// A session as the bus shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
@@ -79,12 +90,29 @@ impl Snapshot {
         self.expires_at.map(|e| e.max(0.0).floor() as u64).unwrap_or(0)
     }
 
-    /// Whether the periodic sweep at `now` must look at this session: a deadline (expiry,
-    /// planned attempt) passed without the session noticing (a late monotonic timer after a
-    /// suspend), or it waits for a credential change.
+    /// From when the periodic sweep must look at this session: once a deadline (expiry,
+    /// planned attempt) has passed on the wall clock without the session noticing (a late
+    /// monotonic timer after a suspend), or every time while it waits for a credential
+    /// change or failed.
+    pub fn sweep_at(&self) -> SweepAt {
+        if matches!(self.state, State::NeedsReauthorization | State::Failed) {
+            return SweepAt::Always;
+        }
+        let expiry = if self.valid { self.expires_at } else { None };
+        let attempt = (self.refresh_at > 0.0 && self.state != State::Refreshing).then_some(self.refresh_at);
+        match (expiry, attempt) {
+            (Some(e), Some(a)) => SweepAt::At(e.min(a)),
+            (Some(t), None) | (None, Some(t)) => SweepAt::At(t),
+            (None, None) => SweepAt::Never,
+        }
+    }
+
+    /// Whether the periodic sweep at `now` must look at this session.
     pub fn needs_sweep(&self, now: f64) -> bool {
-        let expiry_missed = self.valid && self.expires_at.is_some_and(|e| now >= e);
-        let attempt_missed = self.refresh_at > 0.0 && now >= self.refresh_at && self.state != State::Refreshing;
-        expiry_missed || attempt_missed || matches!(self.state, State::NeedsReauthorization | State::Failed)
+        match self.sweep_at() {
+            SweepAt::Never => false,
+            SweepAt::At(t) => now >= t,
+            SweepAt::Always => true,
+        }
     }
 }
