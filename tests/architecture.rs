@@ -76,3 +76,23 @@ fn every_source_file_is_on_the_code_map() {
         assert!(named, "src/{rel} is not on ARCHITECTURE.md's code map");
     }
 }
+
+/// The body of `fn name(` in `text` (up to the next function at the same indentation).
+fn body<'a>(text: &'a str, name: &str) -> &'a str {
+    let start = text.find(&format!("fn {name}(")).unwrap_or_else(|| panic!("no fn {name}"));
+    let rest = &text[start..];
+    let end = rest[1..].find("\n    fn ").or_else(|| rest[1..].find("\n    pub fn ")).map_or(rest.len(), |e| e + 1);
+    &rest[..end]
+}
+
+#[test]
+fn the_periodic_work_reads_no_resting_session() {
+    let engine = code(&root().join("src/engine.rs"));
+    for f in ["sweep", "status_line"] {
+        let b = body(&engine, f);
+        for every in ["sessions.iter()", "sessions.values()", "sessions.keys()", "sessions.iter_mut()"] {
+            assert!(!b.contains(every), "engine::{f} walks every session ({every}); use the SweepIndex");
+        }
+        assert!(b.contains("self.sweep."), "engine::{f} reads the SweepIndex");
+    }
+}

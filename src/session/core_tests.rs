@@ -439,6 +439,7 @@ fn the_core_imports_no_runtime_bus_http_or_disk() {
         ("core.rs", include_str!("core.rs")),
         ("ledger.rs", include_str!("../ledger.rs")),
         ("timers.rs", include_str!("../timers.rs")),
+        ("sweep.rs", include_str!("../sweep.rs")),
         ("policy.rs", include_str!("../policy.rs")),
     ] {
         for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
