@@ -78,6 +78,11 @@ fn main() -> ExitCode {
     if let Err(e) = entrupy_tokend::sandbox::make_non_dumpable() {
         tracing::warn!(error = %e, "cannot mark the process non-dumpable");
     }
+    serve(location, cfg)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; the exit code of SPEC 2.
+fn serve(location: config::ConfigLocation, cfg: config::Config) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
