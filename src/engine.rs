@@ -395,8 +395,8 @@ impl Engine {
                     let sid = id.clone();
                     self.inflight.spawn(async move { Event::CredentialChecked(sid, attempt::read_stamp(&src).await) });
                 }
-                None if slot.snapshot.load().needs_sweep(now) => self.step(&id, Input::Tick),
-                None => {}
+                // Due by the index's invariant: its instant passed, or it is looked at always.
+                None => self.step(&id, Input::Tick),
             }
             if let Some(slot) = self.sessions.get(&id) {
                 self.sweep.put_back(&id, &slot.snapshot.load());

@@ -216,7 +216,7 @@ impl Rig {
     }
 
     /// The status line (`sd_notify` STATUS).
-    async fn manager_status(&self) -> String {
+    async fn status(&self) -> String {
         let (tx, rx) = oneshot::channel();
         self.events.send(Event::Status(tx)).unwrap();
         rx.await.unwrap()
@@ -746,7 +746,7 @@ async fn the_sweep_catches_a_refresh_missed_in_a_suspend() {
     // a few ms).
     assert!((0.0..1.0).contains(&(signs[1] - (t0 + 600.0))), "tried at {} after the suspend", signs[1] - t0);
     // The status line counts the sessions without reading them.
-    let status = r.manager_status().await;
+    let status = r.status().await;
     assert_eq!(status, "1 session(s): 1 valid");
     r.shutdown().await;
 }

@@ -87,13 +87,13 @@ impl Ledger {
         }
     }
 
-    /// What is written to disk for `uid`: logins and reservations alike, so a restart counts
-    /// an attempt that was under way.
     /// The user's entry, keyed by the session's own `Arc` (no copy of the id per user).
     fn user(&mut self, uid: &Arc<str>) -> &mut History {
         self.users.entry(uid.clone()).or_default()
     }
 
+    /// What is written to disk for `uid`: logins and reservations alike, so a restart counts
+    /// an attempt that was under way.
     pub fn history(&self, uid: &str) -> Vec<f64> {
         self.all(uid)
     }

@@ -379,23 +379,19 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, Sto
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(err(path, "cannot read")(e)),
     };
-    parse_json(path, &bytes).map(Some)
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| corrupt(path, &e))
 }
 
-/// Parses a state file read from `path`; one that does not parse is moved aside.
-fn parse_json<T: for<'de> Deserialize<'de>>(path: &Path, bytes: &[u8]) -> Result<T, StoreError> {
-    match serde_json::from_slice::<T>(bytes) {
-        Ok(v) => Ok(v),
-        Err(e) => {
-            // Position and category only: the message of a failed parse may quote content.
-            let detail = format!("line {} column {}: {:?}", e.line(), e.column(), e.classify());
-            let moved_to = move_aside(path)?;
-            Err(StoreError::Corrupt {
-                path: path.display().to_string(),
-                moved_to: moved_to.display().to_string(),
-                detail,
-            })
+/// The error of a state file at `path` that does not parse, which is moved aside (an error
+/// moving it is returned instead).
+fn corrupt(path: &Path, e: &serde_json::Error) -> StoreError {
+    // Position and category only: the message of a failed parse may quote content.
+    let detail = format!("line {} column {}: {:?}", e.line(), e.column(), e.classify());
+    match move_aside(path) {
+        Ok(moved_to) => {
+            StoreError::Corrupt { path: path.display().to_string(), moved_to: moved_to.display().to_string(), detail }
         }
+        Err(e) => e,
     }
 }
 
@@ -463,11 +459,12 @@ impl DirReader {
 
     /// Reads and parses the file `name` (one that does not parse is moved aside).
     fn load<T: for<'de> Deserialize<'de>>(&mut self, name: &str) -> Result<Option<T>, StoreError> {
-        let path = self.path_of(name);
-        match self.read(name)? {
-            Some(bytes) => parse_json(&path, bytes).map(Some),
-            None => Ok(None),
-        }
+        let parsed = match self.read(name)? {
+            Some(bytes) => serde_json::from_slice(bytes),
+            None => return Ok(None),
+        };
+        // The path is made only for the rare file that does not parse.
+        parsed.map(Some).map_err(|e| corrupt(&self.path_of(name), &e))
     }
 }
 

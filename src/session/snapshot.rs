@@ -106,13 +106,4 @@ impl Snapshot {
             (None, None) => SweepAt::Never,
         }
     }
-
-    /// Whether the periodic sweep at `now` must look at this session.
-    pub fn needs_sweep(&self, now: f64) -> bool {
-        match self.sweep_at() {
-            SweepAt::Never => false,
-            SweepAt::At(t) => now >= t,
-            SweepAt::Always => true,
-        }
-    }
 }
